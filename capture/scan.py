@@ -56,6 +56,8 @@ class GroundTruth:
     keypoints3d: dict[str, np.ndarray] = field(default_factory=dict)  # (21,3) metres, world
     vertices: dict[str, np.ndarray] = field(default_factory=dict)  # fine mesh, world metres
     faces: dict[str, np.ndarray] = field(default_factory=dict)
+    # (21,) bool per side where annotations mark joints invalid (InterHand2.6M); absent = all valid
+    keypoints_valid: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass

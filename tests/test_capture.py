@@ -337,3 +337,110 @@ def test_demo_left_label_is_the_persons_left_hand(demo):
         assert abs(score) > 0.01, "the hand is too flat to tell its side"
         assert ("right" if score > 0 else "left") == majority
     assert {max(set(lab), key=lab.count) for _, lab in hands} == {"left", "right"}
+
+
+# ---------------------------------------------------------------------------------- InterHand2.6M
+def write_interhand_fixture(root: Path, split: str = "test") -> dict:
+    """A tiny InterHand2.6M tree: 2 cameras x 2 frames of capture 0, plus 1 right-hand-only frame."""
+    rng = np.random.default_rng(1)
+    cams = {"400002": np.array([0.0, 0.0, -900.0]), "400016": np.array([700.0, -100.0, -500.0])}
+    camrot = {c: look_at(p, np.zeros(3))[0] for c, p in cams.items()}
+    W, H = 40, 56
+    frames = [(0, "ROM01_No_Interaction", 12), (0, "ROM01_No_Interaction", 3), (1, "ROM04_RT_Occlusion", 7)]
+    data = {"images": [], "annotations": []}
+    joint_3d: dict = {}
+    mano: dict = {}
+    truth = {}
+    for fi, (cap, seq, frame) in enumerate(frames):
+        world = rng.normal(0.0, 40.0, (42, 3)) + np.array([[30.0, 0, 0]] * 21 + [[-30.0, 0, 0]] * 21)  # mm
+        valid = np.ones(42)
+        valid[[5, 30]] = 0
+        hand_type = "interacting" if cap == 0 else "right"
+        joint_3d.setdefault(str(cap), {})[str(frame)] = {"world_coord": world.tolist(), "joint_valid": valid.tolist(), "hand_type": hand_type}
+        mano.setdefault(str(cap), {})[str(frame)] = {
+            "right": {"pose": rng.normal(0, 0.2, 48).tolist(), "shape": rng.normal(0, 1, 10).tolist(), "trans": [0.01, 0.02, 0.03]},
+            "left": None if cap == 1 else {"pose": rng.normal(0, 0.2, 48).tolist(), "shape": [0.0] * 10, "trans": [0.0, 0.0, 0.1]},
+        }
+        truth[(cap, seq, frame)] = (world, valid)
+        for cam in cams:
+            img_id = len(data["images"])
+            name = f"Capture{cap}/{seq}/cam{cam}/image{frame}.jpg"
+            data["images"].append({"id": img_id, "file_name": name, "width": W, "height": H, "capture": cap,
+                                   "camera": cam, "frame_idx": frame, "seq_name": seq, "subject": 0})
+            data["annotations"].append({"id": img_id, "image_id": img_id, "bbox": [0, 0, W, H], "joint_valid": valid[:, None].tolist(),
+                                        "hand_type": hand_type, "hand_type_valid": 1})
+            path = root / "images" / split / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(path), np.full((H, W, 3), (30 * fi, 100, 200), np.uint8))
+    cam_json = {str(c): {"campos": {k: v.tolist() for k, v in cams.items()}, "camrot": {k: v.tolist() for k, v in camrot.items()},
+                         "focal": {"400002": [50.0, 51.0], "400016": [45.0, 45.5]},
+                         "princpt": {"400002": [20.0, 28.0], "400016": [19.5, 27.0]}} for c in (0, 1)}
+    ann = root / "annotations" / split
+    ann.mkdir(parents=True, exist_ok=True)
+    for what, obj in (("data", data), ("camera", cam_json), ("joint_3d", joint_3d), ("MANO_NeuralAnnot", mano)):
+        (ann / f"InterHand2.6M_{split}_{what}.json").write_text(json.dumps(obj))
+    return {"cams": cams, "camrot": camrot, "truth": truth, "mano": mano}
+
+
+def test_interhand_frames_cameras_units_and_joint_order(tmp_path):
+    from capture.interhand import interhand_frames, read_interhand
+    from handmodel.joint_orders import INTERHAND_TO_MEDIAPIPE
+
+    fx = write_interhand_fixture(tmp_path)
+    frames = interhand_frames(tmp_path, "test")
+    assert [(f.capture, f.seq, f.frame) for f in frames] == [(0, "ROM01_No_Interaction", 3), (0, "ROM01_No_Interaction", 12), (1, "ROM04_RT_Occlusion", 7)]
+    scan = read_interhand(tmp_path, "test", 1)
+    world, valid = fx["truth"][(0, "ROM01_No_Interaction", 12)]
+    assert [v.name for v in scan.views] == ["400002", "400016"] and scan.sides == ("left", "right")
+    cam = scan.view("400016").camera
+    np.testing.assert_allclose(cam.R, fx["camrot"]["400016"], atol=1e-12)
+    np.testing.assert_allclose(cam.center, fx["cams"]["400016"] / 1000, atol=1e-12)  # mm -> m
+    np.testing.assert_allclose(cam.K, [[45, 0, 19.5], [0, 45.5, 27], [0, 0, 1]])
+    # 3D ground truth: metres, MediaPipe order (wrist = InterHand joint 20 / 41 first)
+    np.testing.assert_allclose(scan.gt.keypoints3d["right"][0], world[20] / 1000)
+    np.testing.assert_allclose(scan.gt.keypoints3d["left"][0], world[41] / 1000)
+    np.testing.assert_allclose(scan.gt.keypoints3d["left"], world[21:][INTERHAND_TO_MEDIAPIPE] / 1000)
+    assert scan.gt.keypoints_valid["right"].sum() == 20 and not scan.gt.keypoints_valid["right"][list(INTERHAND_TO_MEDIAPIPE).index(5)]
+    # 2D keypoints are projections of the 3D joints; invalid / off-image joints get confidence 0
+    import torch
+    for v in scan.views:
+        for side in ("left", "right"):
+            kp = v.keypoints[side]
+            proj = v.camera.project(torch.as_tensor(scan.gt.keypoints3d[side])).numpy()
+            on = kp[:, 2] > 0
+            assert on.sum() >= 5
+            np.testing.assert_allclose(kp[on, :2], proj[on], atol=1e-3)
+            inside = (proj[:, 0] >= 0) & (proj[:, 0] < 40) & (proj[:, 1] >= 0) & (proj[:, 1] < 56)
+            assert np.array_equal(on, inside & scan.gt.keypoints_valid[side])
+    # MANO (NeuralAnnot) in its own convention
+    m = scan.gt.hand_params["right"]
+    np.testing.assert_allclose(m["mano_pose"].reshape(-1), fx["mano"]["0"]["12"]["right"]["pose"])
+    assert m["mano_betas"].shape == (10,) and m["mano_transl"].tolist() == [0.01, 0.02, 0.03]
+    # images are RGB (the jpg was written as BGR (0, 100, 200)) and scaled like the cameras
+    rgb = scan.views[0].image.reshape(-1, 3).mean(0)
+    assert scan.views[0].image.shape == (56, 40, 3) and np.abs(rgb - [200 / 255, 100 / 255, 0]).max() < 0.02
+    half = read_interhand(tmp_path, "test", 1, scale=0.5, cameras=["400016"])
+    assert [v.name for v in half.views] == ["400016"] and half.views[0].image.shape == (28, 20, 3)
+    np.testing.assert_allclose(half.views[0].keypoints["left"][:, :2], scan.view("400016").keypoints["left"][:, :2] / 2, atol=1e-4)
+
+
+def test_interhand_single_hand_frame_and_errors(tmp_path):
+    from capture.interhand import read_interhand
+
+    write_interhand_fixture(tmp_path)
+    one = read_interhand(tmp_path, "test", 2, load_images=False)
+    assert one.sides == ("right",) and set(one.gt.keypoints3d) == {"right"} and set(one.gt.hand_params) == {"right"}
+    assert all(set(v.keypoints) == {"right"} and v.image is None for v in one.views)
+    with pytest.raises(ScanError, match=r"scan id 3 out of range.*3 frames"):
+        read_interhand(tmp_path, "test", 3)
+    with pytest.raises(ScanError, match=r"InterHand2.6M_val_data.json: missing"):
+        read_interhand(tmp_path, "val", 0)
+    with pytest.raises(ScanError, match=r"no camera\(s\) \['999'\]"):
+        read_interhand(tmp_path, "test", 0, cameras=["999"])
+    (tmp_path / "images" / "test" / "Capture1" / "ROM04_RT_Occlusion" / "cam400016" / "image7.jpg").unlink()
+    with pytest.raises(ScanError, match=r"image7.jpg: image of camera 400016 .* missing"):
+        read_interhand(tmp_path, "test", 2)
+    cam_file = tmp_path / "annotations" / "test" / "InterHand2.6M_test_camera.json"
+    cam_file.write_text(cam_file.read_text()[:50])
+    with pytest.raises(ScanError, match=r"InterHand2.6M_test_camera.json: not valid JSON"):
+        read_interhand(tmp_path, "test", 0)
