@@ -444,3 +444,51 @@ def test_interhand_single_hand_frame_and_errors(tmp_path):
     cam_file.write_text(cam_file.read_text()[:50])
     with pytest.raises(ScanError, match=r"InterHand2.6M_test_camera.json: not valid JSON"):
         read_interhand(tmp_path, "test", 0)
+
+
+# ------------------------------------------------------------------------------ keypoint detection
+def test_missing_mediapipe_error_gives_the_install_command(monkeypatch):
+    import sys
+
+    from capture.detect import load_mediapipe
+
+    monkeypatch.setitem(sys.modules, "mediapipe", None)  # makes `import mediapipe` fail
+    with pytest.raises(ImportError, match=r"pip install --no-deps mediapipe==0.10.21"):
+        load_mediapipe()
+
+
+def _mediapipe_available() -> bool:
+    try:
+        import mediapipe  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@needs_demo
+@pytest.mark.skipif(not _mediapipe_available(), reason="mediapipe not installed (optional: requirements-detect.txt)")
+def test_detect_both_hands_on_demo_view_00_with_anatomical_labels(tmp_path):
+    import subprocess
+    import sys
+
+    scan_dir = tmp_path / "1"
+    (scan_dir / "img").mkdir(parents=True)
+    (scan_dir / "camera").mkdir()
+    (scan_dir / "img" / "00.png").write_bytes((DEMO / "1" / "img" / "00.png").read_bytes())
+    (scan_dir / "camera" / "param.npz").write_bytes((DEMO / "1" / "camera" / "param.npz").read_bytes())
+    cmd = [sys.executable, str(REPO / "scripts" / "detect_keypoints.py"), "--data_path", str(tmp_path), "--scan_id", "1"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "view 00: left, right" in run.stdout
+    mine = read_fmhr(tmp_path, 1, load_images=False).view("00").keypoints
+    theirs = read_fmhr(DEMO, 1, views=["00"], load_images=False).view("00").keypoints
+    assert set(mine) == {"left", "right"}
+    for side in ("left", "right"):  # same hand under the same label as the demo's own detections
+        assert np.median(np.linalg.norm(mine[side][:, :2] - theirs[side][:, :2], axis=1)) < 20
+    from capture.detect import detect_scan
+
+    before = (scan_dir / "pose" / "00.json").read_text()
+    (scan_dir / "pose" / "00.json").write_text('{"Left": [], "Right": []}')
+    assert detect_scan(tmp_path, 1) == {}  # an existing pose file is kept
+    assert detect_scan(tmp_path, 1, overwrite=True) == {"00": ["left", "right"]}
+    assert json.loads((scan_dir / "pose" / "00.json").read_text()) == json.loads(before)
