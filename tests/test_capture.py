@@ -268,6 +268,22 @@ def test_empty_mask_is_dropped_with_a_warning(written, caplog):
     assert "02.png: mask is empty" in caplog.text
 
 
+def test_files_of_views_without_photo_are_ignored_with_a_warning(written, caplog):
+    _, path = written
+    (path / "3" / "img" / "07.png").unlink()  # view 07 keeps its camera, mask and pose
+    with caplog.at_level(logging.WARNING, logger="capture.fmhr"):
+        scan = read_fmhr(path, 3)
+    assert [v.name for v in scan.views] == ["00", "02"]
+    assert "pose/07.json: view 07 has no photo" in caplog.text and "mask/07.png: view 07 has no photo" in caplog.text
+
+
+def test_bad_scale_is_an_error(written):
+    _, path = written
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ScanError, match="scale must be a positive number"):
+            read_fmhr(path, 3, scale=bad)
+
+
 # ------------------------------------------------------------------------------ the real capture
 @pytest.fixture(scope="module")
 def demo() -> Scan:
