@@ -49,7 +49,7 @@ def read_fmhr(
     """Load one FMHR scan as a Scan in world metres, images resized by ``scale``.
 
     Views are the ids with a photo in ``img/``; a scan without photos (keypoints only) takes its
-    views from ``pose/``. ``views`` picks a subset by name ("00", "07", ...). With
+    views from ``pose/``. ``views`` picks a subset by name or camera index ("07" or 7). With
     ``load_images=False`` photos are not decoded (their size is read from the header); masks and
     keypoints are still loaded. ``scale`` resizes photos (area filter), masks (area > 0.5) and
     intrinsics (``Camera.scaled``); keypoints are returned in pixels of the resized image.
@@ -88,11 +88,13 @@ def read_fmhr(
 
     names, img_files = _view_names(root)
     _check_orphans(root, names, params, npz)
-    if views is not None:
-        unknown = [v for v in views if v not in names]
+    if views is not None:  # by name or camera index: "07", "7" and 7 all pick view 07
+        by_index = {int(n): n for n in names}
+        found = {v: by_index.get(int(v)) if str(v).strip().isdigit() else None for v in views}
+        unknown = [v for v, n in found.items() if n is None]
         if unknown:
             raise ScanError(f"{root}: no view(s) {unknown}; the scan has {names}")
-        names = [n for n in names if n in views]
+        names = [n for n in names if n in found.values()]
 
     scan_views = [
         _read_view(root, name, img_files.get(name), params, npz, scale, load_images) for name in names

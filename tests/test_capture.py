@@ -114,6 +114,7 @@ def test_fmhr_views_subset_and_pose_only_scan(written, tmp_path):
     scan, path = written
     sub = read_fmhr(path, "3", views=["07", "00"])
     assert [v.name for v in sub.views] == ["00", "07"]
+    assert [v.name for v in read_fmhr(path, "3", views=[7, "2"]).views] == ["02", "07"]
     with pytest.raises(ScanError, match=r"no view\(s\) \['05'\].*\['00', '02', '07'\]"):
         read_fmhr(path, "3", views=["05"])
     nophoto = make_scan(images=False)
