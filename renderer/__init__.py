@@ -1,0 +1,27 @@
+"""Differentiable rasterization with nvdiffrast's interface over a numba CPU backend and nvdiffrast.
+
+Ops (``rasterize``, ``interpolate``, ``texture``, ``antialias``) take nvdiffrast's arguments;
+``make_context`` picks the backend. ``shading`` builds images from them, ``mesh_ops`` holds the
+mesh utilities (Loop subdivision, Laplacians, regularisers) the fitting stages need.
+"""
+from renderer.context import RenderContext, RendererError, make_context
+from renderer.ops import (
+    TopologyHash,
+    antialias,
+    antialias_construct_topology_hash,
+    interpolate,
+    rasterize,
+    texture,
+)
+
+__all__ = [
+    "RenderContext",
+    "RendererError",
+    "TopologyHash",
+    "antialias",
+    "antialias_construct_topology_hash",
+    "interpolate",
+    "make_context",
+    "rasterize",
+    "texture",
+]

@@ -1,0 +1,778 @@
+"""Numba kernels of the CPU backend: visibility, barycentrics, interpolation, antialiasing.
+
+Why numba: on CPU, the differentiable ops are memory-bound; one fused, parallel pass per pixel
+(or per triangle) beats chains of vectorized torch ops, each of which streams whole
+(K, 3, 4) temporaries through memory. The kernels follow nvdiffrast's definitions:
+
+- clip space: pixel (row i, col j) samples NDC ((2j + 1)/W - 1, (2i + 1)/H - 1);
+- coverage by 2D homogeneous edge functions (Olano & Greer): a pixel is inside a triangle iff
+  all three functions agree in sign with the triangle's determinant, which also clips at w = 0
+  without explicit clipping; fragments with z/w outside [-1, 1] are dropped (near/far
+  clipping, as the hardware clipper of nvdiffrast does); ties on an edge go to one triangle
+  (top-left rule on the normalised edge function), so no pixel is covered twice or missed;
+- barycentrics (u, v) are the perspective-correct weights of vertices 0 and 1; z/w is not
+  differentiable (as in nvdiffrast); gradients of (u, v) and of their screen derivatives
+  flow to x, y, w of the three vertices.
+
+Work is split into units = (view, band of rows). With at least as many views as threads each
+unit is a whole view; otherwise views are cut into bands. Gradients are scattered into one
+private buffer per unit (summed afterwards), so nothing races and results are deterministic.
+"""
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+_OPTS = dict(cache=True, nogil=True)
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@nb.njit(inline="always")
+def _load(pos, v, i):
+    return float(pos[v, i, 0]), float(pos[v, i, 1]), float(pos[v, i, 2]), float(pos[v, i, 3])
+
+
+@nb.njit(inline="always")
+def _edge_coeffs(X0, Y0, W0, X1, Y1, W1, X2, Y2, W2):
+    """Edge functions a_i(x, y) = c_i + ax_i x + ay_i y of the three vertices and det = sum W_i c_i."""
+    c0 = X1 * Y2 - Y1 * X2
+    ax0 = Y1 * W2 - Y2 * W1
+    ay0 = X2 * W1 - X1 * W2
+    c1 = X2 * Y0 - Y2 * X0
+    ax1 = Y2 * W0 - Y0 * W2
+    ay1 = X0 * W2 - X2 * W0
+    c2 = X0 * Y1 - Y0 * X1
+    ax2 = Y0 * W1 - Y1 * W0
+    ay2 = X1 * W0 - X0 * W1
+    det = W0 * c0 + W1 * c1 + W2 * c2
+    return c0, ax0, ay0, c1, ax1, ay1, c2, ax2, ay2, det
+
+
+@nb.njit(inline="always")
+def _inside(e, ax, ay):
+    """Edge test with the top-left tie rule on an edge function normalised to det > 0."""
+    if e > 0.0:
+        return True
+    if e < 0.0:
+        return False
+    return ax > 0.0 or (ax == 0.0 and ay > 0.0)
+
+
+@nb.njit(inline="always")
+def _grow(px, py, xmin, xmax, ymin, ymax):
+    return min(xmin, px), max(xmax, px), min(ymin, py), max(ymax, py)
+
+
+def plan_units(n_views: int, height: int, n_threads: int) -> int:
+    """Bands per view so that views x bands gives each thread about four units to balance."""
+    if n_views >= 4 * n_threads:
+        return 1
+    return int(max(1, min(height, -(-4 * n_threads // max(n_views, 1)))))
+
+
+# ----------------------------------------------------------------------------- rasterize
+
+
+@nb.njit(inline="always")
+def _bbox_one(pos, v, i0, i1, i2, height, width):
+    """Pixel box (x0, x1, y0, y1) of one triangle in one view after near-plane clipping.
+
+    Empty (x0 > x1) when culled: outside the frustum, behind the near or beyond the far
+    plane, degenerate or non-finite.
+    """
+    if i0 == i1 or i1 == i2 or i0 == i2:
+        return 1, 0, 1, 0
+    X0, Y0, Z0, W0 = _load(pos, v, i0)
+    X1, Y1, Z1, W1 = _load(pos, v, i1)
+    X2, Y2, Z2, W2 = _load(pos, v, i2)
+    if not np.isfinite(X0 + Y0 + Z0 + W0 + X1 + Y1 + Z1 + W1 + X2 + Y2 + Z2 + W2):
+        return 1, 0, 1, 0
+    # Trivial rejects against the six clip planes.
+    if (X0 > W0 and X1 > W1 and X2 > W2) or (X0 < -W0 and X1 < -W1 and X2 < -W2):
+        return 1, 0, 1, 0
+    if (Y0 > W0 and Y1 > W1 and Y2 > W2) or (Y0 < -W0 and Y1 < -W1 and Y2 < -W2):
+        return 1, 0, 1, 0
+    d0, d1, d2 = Z0 + W0, Z1 + W1, Z2 + W2
+    if (Z0 > W0 and Z1 > W1 and Z2 > W2) or (d0 < 0.0 and d1 < 0.0 and d2 < 0.0):
+        return 1, 0, 1, 0
+    hw = 0.5 * width
+    hh = 0.5 * height
+    if d0 >= 0.0 and d1 >= 0.0 and d2 >= 0.0 and W0 > 0.0 and W1 > 0.0 and W2 > 0.0:
+        # Common case: wholly in front of the near plane.
+        u0, u1, u2 = X0 / W0, X1 / W1, X2 / W2
+        v0, v1, v2 = Y0 / W0, Y1 / W1, Y2 / W2
+        xmin = (min(u0, min(u1, u2)) + 1.0) * hw
+        xmax = (max(u0, max(u1, u2)) + 1.0) * hw
+        ymin = (min(v0, min(v1, v2)) + 1.0) * hh
+        ymax = (max(v0, max(v1, v2)) + 1.0) * hh
+    else:
+        xmin, xmax, ymin, ymax = np.inf, -np.inf, np.inf, -np.inf
+        full = False
+        # Polygon clipped to the near plane z + w >= 0: kept corners plus edge crossings.
+        for k in range(3):
+            if k == 0:
+                Xa, Ya, Wa, da, Xb, Yb, Wb, db = X0, Y0, W0, d0, X1, Y1, W1, d1
+            elif k == 1:
+                Xa, Ya, Wa, da, Xb, Yb, Wb, db = X1, Y1, W1, d1, X2, Y2, W2, d2
+            else:
+                Xa, Ya, Wa, da, Xb, Yb, Wb, db = X2, Y2, W2, d2, X0, Y0, W0, d0
+            if da >= 0.0:
+                if Wa > 0.0:
+                    xmin, xmax, ymin, ymax = _grow((Xa / Wa + 1.0) * hw, (Ya / Wa + 1.0) * hh, xmin, xmax, ymin, ymax)
+                else:
+                    full = True
+            if (da >= 0.0) != (db >= 0.0):
+                t = da / (da - db)
+                Wc = Wa + t * (Wb - Wa)
+                if Wc > 0.0:
+                    xmin, xmax, ymin, ymax = _grow((Xa + t * (Xb - Xa)) / Wc * hw + hw,
+                                                   (Ya + t * (Yb - Ya)) / Wc * hh + hh, xmin, xmax, ymin, ymax)
+                else:
+                    full = True
+        if full:
+            xmin, xmax, ymin, ymax = 0.0, float(width), 0.0, float(height)
+    eps = 1e-4
+    # Pixel centres j + 0.5 inside [xmin, xmax], clamped to the image.
+    fx0 = max(-1.0, min(float(width) + 1.0, xmin - 0.5 - eps))
+    fx1 = max(-1.0, min(float(width) + 1.0, xmax - 0.5 + eps))
+    fy0 = max(-1.0, min(float(height) + 1.0, ymin - 0.5 - eps))
+    fy1 = max(-1.0, min(float(height) + 1.0, ymax - 0.5 + eps))
+    x0 = max(0, int(np.ceil(fx0)))
+    x1 = min(width - 1, int(np.floor(fx1)))
+    y0 = max(0, int(np.ceil(fy0)))
+    y1 = min(height - 1, int(np.floor(fy1)))
+    if x0 > x1 or y0 > y1:
+        return 1, 0, 1, 0
+    return x0, x1, y0, y1
+
+
+@nb.njit(parallel=True, **_OPTS)
+def tri_bboxes(pos, tri, height, width, out):
+    """Pixel boxes of every (view, triangle), for the banded raster (one setup per triangle)."""
+    V = pos.shape[0]
+    F = tri.shape[0]
+    chunk = 4096
+    nchunk = (F + chunk - 1) // chunk
+    for job in nb.prange(V * nchunk):
+        v = job // nchunk
+        f0 = (job % nchunk) * chunk
+        for f in range(f0, min(F, f0 + chunk)):
+            x0, x1, y0, y1 = _bbox_one(pos, v, tri[f, 0], tri[f, 1], tri[f, 2], height, width)
+            out[v, f, 0] = x0
+            out[v, f, 1] = x1
+            out[v, f, 2] = y0
+            out[v, f, 3] = y1
+
+
+@nb.njit(parallel=True, **_OPTS)
+def raster_fwd(pos, tri, bbox, nband, rast, rast_db):
+    """Z-buffered visibility per (view, band), then (u, v, z/w, id + 1) and d(u, v)/d(X, Y).
+
+    With one band per view the boxes are computed inline (bbox unused), else read from bbox.
+    """
+    V, H, W = rast.shape[0], rast.shape[1], rast.shape[2]
+    F = tri.shape[0]
+    rows = (H + nband - 1) // nband
+    xs = 2.0 / W
+    ys = 2.0 / H
+    xo = 1.0 / W - 1.0
+    yo = 1.0 / H - 1.0
+    for unit in nb.prange(V * nband):
+        v = unit // nband
+        r0 = (unit % nband) * rows
+        r1 = min(H, r0 + rows)
+        if r0 >= r1:
+            continue
+        zb = np.full((r1 - r0, W), np.inf)
+        tb = np.zeros((r1 - r0, W), np.int32)
+        for f in range(F):
+            i0, i1, i2 = tri[f, 0], tri[f, 1], tri[f, 2]
+            if nband == 1:
+                bx0, bx1, by0, by1 = _bbox_one(pos, v, i0, i1, i2, H, W)
+            else:
+                bx0, bx1, by0, by1 = int(bbox[v, f, 0]), int(bbox[v, f, 1]), int(bbox[v, f, 2]), int(bbox[v, f, 3])
+            if bx0 > bx1:
+                continue
+            by0 = max(by0, r0)
+            by1 = min(by1, r1 - 1)
+            if by0 > by1:
+                continue
+            X0, Y0, Z0, W0 = _load(pos, v, i0)
+            X1, Y1, Z1, W1 = _load(pos, v, i1)
+            X2, Y2, Z2, W2 = _load(pos, v, i2)
+            c0, ax0, ay0, c1, ax1, ay1, c2, ax2, ay2, det = _edge_coeffs(X0, Y0, W0, X1, Y1, W1, X2, Y2, W2)
+            if det == 0.0:
+                continue
+            if det < 0.0:
+                c0, ax0, ay0, c1, ax1, ay1, c2, ax2, ay2, det = -c0, -ax0, -ay0, -c1, -ax1, -ay1, -c2, -ax2, -ay2, -det
+            idet = 1.0 / det
+            for y in range(by0, by1 + 1):
+                yn = y * ys + yo
+                e0r = c0 + ay0 * yn
+                e1r = c1 + ay1 * yn
+                e2r = c2 + ay2 * yn
+                for x in range(bx0, bx1 + 1):
+                    xn = x * xs + xo
+                    e0 = e0r + ax0 * xn
+                    if not _inside(e0, ax0, ay0):
+                        continue
+                    e1 = e1r + ax1 * xn
+                    if not _inside(e1, ax1, ay1):
+                        continue
+                    e2 = e2r + ax2 * xn
+                    if not _inside(e2, ax2, ay2):
+                        continue
+                    z = (e0 * Z0 + e1 * Z1 + e2 * Z2) * idet
+                    if z < -1.0 or z > 1.0:
+                        continue
+                    if z < zb[y - r0, x]:
+                        zb[y - r0, x] = z
+                        tb[y - r0, x] = f + 1
+        # Resolve: barycentrics and their screen derivatives of the visible triangle.
+        for y in range(r0, r1):
+            yn = y * ys + yo
+            for x in range(W):
+                t = tb[y - r0, x]
+                if t == 0:
+                    for c in range(4):
+                        rast[v, y, x, c] = 0.0
+                        rast_db[v, y, x, c] = 0.0
+                    continue
+                f = t - 1
+                X0, Y0, Z0, W0 = _load(pos, v, tri[f, 0])
+                X1, Y1, Z1, W1 = _load(pos, v, tri[f, 1])
+                X2, Y2, Z2, W2 = _load(pos, v, tri[f, 2])
+                c0, ax0, ay0, c1, ax1, ay1, c2, ax2, ay2, det = _edge_coeffs(X0, Y0, W0, X1, Y1, W1, X2, Y2, W2)
+                xn = x * xs + xo
+                e0 = c0 + ax0 * xn + ay0 * yn
+                e1 = c1 + ax1 * xn + ay1 * yn
+                e2 = c2 + ax2 * xn + ay2 * yn
+                et = e0 + e1 + e2
+                b0 = e0 / et
+                b1 = e1 / et
+                rast[v, y, x, 0] = b0
+                rast[v, y, x, 1] = b1
+                rast[v, y, x, 2] = zb[y - r0, x]
+                rast[v, y, x, 3] = t
+                sx = ax0 + ax1 + ax2
+                sy = ay0 + ay1 + ay2
+                rast_db[v, y, x, 0] = xs * (ax0 - b0 * sx) / et
+                rast_db[v, y, x, 1] = ys * (ay0 - b0 * sy) / et
+                rast_db[v, y, x, 2] = xs * (ax1 - b1 * sx) / et
+                rast_db[v, y, x, 3] = ys * (ay1 - b1 * sy) / et
+
+
+@nb.njit(parallel=True, **_OPTS)
+def raster_bwd(pos, tri, rast, grad_rast, grad_db, use_db, nband, gbuf):
+    """Gradient of (u, v) and of d(u, v)/d(X, Y) w.r.t. x, y, w of the covering triangle.
+
+    gbuf is (V * nband, N, 4), zeroed; unit k writes only gbuf[k].
+    """
+    V, H, W = rast.shape[0], rast.shape[1], rast.shape[2]
+    F = tri.shape[0]
+    rows = (H + nband - 1) // nband
+    xs = 2.0 / W
+    ys = 2.0 / H
+    xo = 1.0 / W - 1.0
+    yo = 1.0 / H - 1.0
+    for unit in nb.prange(V * nband):
+        v = unit // nband
+        r0 = (unit % nband) * rows
+        r1 = min(H, r0 + rows)
+        for y in range(r0, r1):
+            yn = y * ys + yo
+            for x in range(W):
+                t = int(rast[v, y, x, 3])
+                if t <= 0 or t > F:
+                    continue
+                gu = float(grad_rast[v, y, x, 0])
+                gv = float(grad_rast[v, y, x, 1])
+                g0 = g1 = g2 = g3 = 0.0
+                if use_db:
+                    g0 = float(grad_db[v, y, x, 0])
+                    g1 = float(grad_db[v, y, x, 1])
+                    g2 = float(grad_db[v, y, x, 2])
+                    g3 = float(grad_db[v, y, x, 3])
+                if gu == 0.0 and gv == 0.0 and g0 == 0.0 and g1 == 0.0 and g2 == 0.0 and g3 == 0.0:
+                    continue
+                f = t - 1
+                i0, i1, i2 = tri[f, 0], tri[f, 1], tri[f, 2]
+                X0, Y0, Z0, W0 = _load(pos, v, i0)
+                X1, Y1, Z1, W1 = _load(pos, v, i1)
+                X2, Y2, Z2, W2 = _load(pos, v, i2)
+                xn = x * xs + xo
+                p0x, p0y = X0 - xn * W0, Y0 - yn * W0
+                p1x, p1y = X1 - xn * W1, Y1 - yn * W1
+                p2x, p2y = X2 - xn * W2, Y2 - yn * W2
+                a0 = p1x * p2y - p1y * p2x
+                a1 = p2x * p0y - p2y * p0x
+                a2 = p0x * p1y - p0y * p1x
+                at = a0 + a1 + a2
+                if at == 0.0:
+                    continue
+                b0 = a0 / at
+                b1 = a1 / at
+                gb0, gb1, gat = gu, gv, 0.0
+                gX0 = gX1 = gX2 = gY0 = gY1 = gY2 = gW0 = gW1 = gW2 = 0.0
+                if use_db and (g0 != 0.0 or g1 != 0.0 or g2 != 0.0 or g3 != 0.0):
+                    ax0 = Y1 * W2 - Y2 * W1
+                    ay0 = X2 * W1 - X1 * W2
+                    ax1 = Y2 * W0 - Y0 * W2
+                    ay1 = X0 * W2 - X2 * W0
+                    ax2 = Y0 * W1 - Y1 * W0
+                    ay2 = X1 * W0 - X0 * W1
+                    sx = ax0 + ax1 + ax2
+                    sy = ay0 + ay1 + ay2
+                    dux = xs * (ax0 - b0 * sx) / at
+                    duy = ys * (ay0 - b0 * sy) / at
+                    dvx = xs * (ax1 - b1 * sx) / at
+                    dvy = ys * (ay1 - b1 * sy) / at
+                    gsx = -xs * (g0 * b0 + g2 * b1) / at
+                    gsy = -ys * (g1 * b0 + g3 * b1) / at
+                    tax0 = xs * g0 / at + gsx
+                    tax1 = xs * g2 / at + gsx
+                    tax2 = gsx
+                    tay0 = ys * g1 / at + gsy
+                    tay1 = ys * g3 / at + gsy
+                    tay2 = gsy
+                    gb0 -= (xs * g0 * sx + ys * g1 * sy) / at
+                    gb1 -= (xs * g2 * sx + ys * g3 * sy) / at
+                    gat = -(dux * g0 + duy * g1 + dvx * g2 + dvy * g3) / at
+                    # ax_i, ay_i are 2x2 minors of (X, Y, W).
+                    gY1 += tax0 * W2
+                    gW2 += tax0 * Y1
+                    gY2 -= tax0 * W1
+                    gW1 -= tax0 * Y2
+                    gY2 += tax1 * W0
+                    gW0 += tax1 * Y2
+                    gY0 -= tax1 * W2
+                    gW2 -= tax1 * Y0
+                    gY0 += tax2 * W1
+                    gW1 += tax2 * Y0
+                    gY1 -= tax2 * W0
+                    gW0 -= tax2 * Y1
+                    gX2 += tay0 * W1
+                    gW1 += tay0 * X2
+                    gX1 -= tay0 * W2
+                    gW2 -= tay0 * X1
+                    gX0 += tay1 * W2
+                    gW2 += tay1 * X0
+                    gX2 -= tay1 * W0
+                    gW0 -= tay1 * X2
+                    gX1 += tay2 * W0
+                    gW0 += tay2 * X1
+                    gX0 -= tay2 * W1
+                    gW1 -= tay2 * X0
+                s = (gb0 * b0 + gb1 * b1) / at
+                ga0 = gb0 / at - s + gat
+                ga1 = gb1 / at - s + gat
+                ga2 = gat - s
+                gp0x = ga2 * p1y - ga1 * p2y
+                gp0y = ga1 * p2x - ga2 * p1x
+                gp1x = ga0 * p2y - ga2 * p0y
+                gp1y = ga2 * p0x - ga0 * p2x
+                gp2x = ga1 * p0y - ga0 * p1y
+                gp2y = ga0 * p1x - ga1 * p0x
+                gX0 += gp0x
+                gY0 += gp0y
+                gW0 -= xn * gp0x + yn * gp0y
+                gX1 += gp1x
+                gY1 += gp1y
+                gW1 -= xn * gp1x + yn * gp1y
+                gX2 += gp2x
+                gY2 += gp2y
+                gW2 -= xn * gp2x + yn * gp2y
+                gbuf[unit, i0, 0] += gX0
+                gbuf[unit, i0, 1] += gY0
+                gbuf[unit, i0, 3] += gW0
+                gbuf[unit, i1, 0] += gX1
+                gbuf[unit, i1, 1] += gY1
+                gbuf[unit, i1, 3] += gW1
+                gbuf[unit, i2, 0] += gX2
+                gbuf[unit, i2, 1] += gY2
+                gbuf[unit, i2, 3] += gW2
+
+
+# ----------------------------------------------------------------------------- interpolate
+
+
+@nb.njit(parallel=True, **_OPTS)
+def interp_fwd(attr, rast, tri, rast_db, diff_idx, out, out_da):
+    """out = u a0 + v a1 + (1 - u - v) a2; out_da = (dA/dX, dA/dY) for attributes diff_idx."""
+    V, H, W = rast.shape[0], rast.shape[1], rast.shape[2]
+    A, C = attr.shape[0], attr.shape[2]
+    F = tri.shape[0]
+    D = diff_idx.shape[0]
+    for row in nb.prange(V * H):
+        v = row // H
+        y = row % H
+        av = v if A > 1 else 0
+        for x in range(W):
+            t = int(rast[v, y, x, 3])
+            if t <= 0 or t > F:
+                for c in range(C):
+                    out[v, y, x, c] = 0.0
+                for k in range(2 * D):
+                    out_da[v, y, x, k] = 0.0
+                continue
+            i0, i1, i2 = tri[t - 1, 0], tri[t - 1, 1], tri[t - 1, 2]
+            b0 = rast[v, y, x, 0]
+            b1 = rast[v, y, x, 1]
+            b2 = 1.0 - b0 - b1
+            for c in range(C):
+                out[v, y, x, c] = b0 * attr[av, i0, c] + b1 * attr[av, i1, c] + b2 * attr[av, i2, c]
+            if D > 0:
+                dux, duy, dvx, dvy = rast_db[v, y, x, 0], rast_db[v, y, x, 1], rast_db[v, y, x, 2], rast_db[v, y, x, 3]
+                for k in range(D):
+                    c = diff_idx[k]
+                    d0 = attr[av, i0, c] - attr[av, i2, c]
+                    d1 = attr[av, i1, c] - attr[av, i2, c]
+                    out_da[v, y, x, 2 * k] = d0 * dux + d1 * dvx
+                    out_da[v, y, x, 2 * k + 1] = d0 * duy + d1 * dvy
+
+
+@nb.njit(parallel=True, **_OPTS)
+def interp_bwd(attr, rast, tri, rast_db, diff_idx, gout, gda, unit_ptr, unit_rows, gbuf, grast, gdb):
+    """Gradients of interpolate: scatter into gbuf[unit] (N, C); dense grast / gdb.
+
+    Unit k owns the flattened (view * H + row) rows unit_rows[unit_ptr[k]:unit_ptr[k + 1]].
+    """
+    V, H, W = rast.shape[0], rast.shape[1], rast.shape[2]
+    A, C = attr.shape[0], attr.shape[2]
+    F = tri.shape[0]
+    D = diff_idx.shape[0]
+    for unit in nb.prange(unit_ptr.shape[0] - 1):
+        for j in range(unit_ptr[unit], unit_ptr[unit + 1]):
+            row = unit_rows[j]
+            v = row // H
+            y = row % H
+            av = v if A > 1 else 0
+            for x in range(W):
+                t = int(rast[v, y, x, 3])
+                if t <= 0 or t > F:
+                    continue
+                i0, i1, i2 = tri[t - 1, 0], tri[t - 1, 1], tri[t - 1, 2]
+                b0 = rast[v, y, x, 0]
+                b1 = rast[v, y, x, 1]
+                b2 = 1.0 - b0 - b1
+                gu = 0.0
+                gv = 0.0
+                for c in range(C):
+                    g = gout[v, y, x, c]
+                    if g != 0.0:
+                        gbuf[unit, i0, c] += b0 * g
+                        gbuf[unit, i1, c] += b1 * g
+                        gbuf[unit, i2, c] += b2 * g
+                        a2 = attr[av, i2, c]
+                        gu += g * (attr[av, i0, c] - a2)
+                        gv += g * (attr[av, i1, c] - a2)
+                grast[v, y, x, 0] = gu
+                grast[v, y, x, 1] = gv
+                if D > 0:
+                    dux, duy, dvx, dvy = rast_db[v, y, x, 0], rast_db[v, y, x, 1], rast_db[v, y, x, 2], rast_db[v, y, x, 3]
+                    gdux = gduy = gdvx = gdvy = 0.0
+                    for k in range(D):
+                        c = diff_idx[k]
+                        gx = gda[v, y, x, 2 * k]
+                        gy = gda[v, y, x, 2 * k + 1]
+                        if gx == 0.0 and gy == 0.0:
+                            continue
+                        d0 = attr[av, i0, c] - attr[av, i2, c]
+                        d1 = attr[av, i1, c] - attr[av, i2, c]
+                        gd0 = gx * dux + gy * duy
+                        gd1 = gx * dvx + gy * dvy
+                        gbuf[unit, i0, c] += gd0
+                        gbuf[unit, i1, c] += gd1
+                        gbuf[unit, i2, c] -= gd0 + gd1
+                        gdux += gx * d0
+                        gdvx += gx * d1
+                        gduy += gy * d0
+                        gdvy += gy * d1
+                    gdb[v, y, x, 0] = gdux
+                    gdb[v, y, x, 1] = gduy
+                    gdb[v, y, x, 2] = gdvx
+                    gdb[v, y, x, 3] = gdvy
+
+
+# ----------------------------------------------------------------------------- antialias
+
+
+@nb.njit(**_OPTS)
+def build_opposite(tri, n_vertices):
+    """opp[f, i]: vertex across the edge opposite corner i of triangle f, or -1.
+
+    Same rule as nvdiffrast's topology hash: an undirected edge remembers the first two
+    distinct opposite vertices; a triangle sees the other one, else -1 (boundary or a third
+    face on a non-manifold edge, both treated as silhouette candidates).
+    """
+    F = tri.shape[0]
+    keys = np.empty(3 * F, np.int64)
+    for f in range(F):
+        for i in range(3):
+            a = tri[f, (i + 1) % 3]
+            b = tri[f, (i + 2) % 3]
+            lo, hi = min(a, b), max(a, b)
+            keys[3 * f + i] = lo * np.int64(n_vertices) + hi
+    order = np.argsort(keys, kind="mergesort")
+    opp = np.full((F, 3), -1, np.int32)
+    n = 3 * F
+    s = 0
+    while s < n:
+        e = s
+        k = keys[order[s]]
+        while e < n and keys[order[e]] == k:
+            e += 1
+        first = -1
+        second = -1
+        for j in range(s, e):
+            h = order[j]
+            f = h // 3
+            if tri[f, 0] == tri[f, 1] or tri[f, 1] == tri[f, 2] or tri[f, 0] == tri[f, 2]:
+                continue
+            o = tri[f, h % 3]
+            if first < 0:
+                first = o
+            elif second < 0 and o != first:
+                second = o
+        for j in range(s, e):
+            h = order[j]
+            o = tri[h // 3, h % 3]
+            if o == first and first >= 0:
+                opp[h // 3, h % 3] = second
+            elif o == second and second >= 0:
+                opp[h // 3, h % 3] = first
+        s = e
+    return opp
+
+
+@nb.njit(inline="always")
+def _same_sign(a, b):
+    return (a < 0.0) == (b < 0.0)
+
+
+@nb.njit(inline="always")
+def _to_px(pos, v, i, hw, hh, cx, cy):
+    X, Y, Z, Wc = _load(pos, v, i)
+    return X / Wc * hw + hw - cx, Y / Wc * hh + hh - cy
+
+
+@nb.njit(parallel=True, **_OPTS)
+def aa_analyze(pos, tri, opp, rast, alpha, info, row_count):
+    """For each pixel pair (right: d=0, down: d=1) with different triangle ids, decide whether a
+    silhouette edge of the front triangle crosses the segment between the pixel centres, and
+    store the blend weight alpha (0: no blend), info = edge | (other-pixel-chosen << 2), and
+    the number of blends per (view, row).
+
+    As nvdiffrast: of the front triangle's edges crossing the line through both centres the
+    farthest crossing is taken; it blends only if that edge is a silhouette (no neighbour, or
+    the neighbour's opposite vertex lies on the same side), is steeper than 45 degrees to the
+    pair's axis, and crosses within the segment (1/16 px tolerance, then clamped).
+    """
+    V, H, W = rast.shape[0], rast.shape[1], rast.shape[2]
+    F = tri.shape[0]
+    hw = 0.5 * W
+    hh = 0.5 * H
+    eps = 0.0625
+    for row in nb.prange(V * H):
+        v = row // H
+        y = row % H
+        count = 0
+        for x in range(W):
+            for d in range(2):
+                alpha[v, y, x, d] = 0.0
+                info[v, y, x, d] = 0
+                qx = x + 1 - d
+                qy = y + d
+                if qx >= W or qy >= H:
+                    continue
+                t0 = int(rast[v, y, x, 3])
+                t1 = int(rast[v, qy, qx, 3])
+                if t0 == t1:
+                    continue
+                if t0 > 0 and t1 > 0:
+                    use1 = not (rast[v, y, x, 2] < rast[v, qy, qx, 2])
+                else:
+                    use1 = t0 <= 0
+                t = t1 if use1 else t0
+                if t <= 0 or t > F:
+                    continue
+                f = t - 1
+                cx = (qx if use1 else x) + 0.5
+                cy = (qy if use1 else y) + 0.5
+                ds = -1.0 if use1 else 1.0
+                i0, i1, i2 = tri[f, 0], tri[f, 1], tri[f, 2]
+                if pos[v, i0, 3] <= 0.0 or pos[v, i1, 3] <= 0.0 or pos[v, i2, 3] <= 0.0:
+                    continue
+                x0, y0 = _to_px(pos, v, i0, hw, hh, cx, cy)
+                x1, y1 = _to_px(pos, v, i1, hw, hh, cx, cy)
+                x2, y2 = _to_px(pos, v, i2, hw, hh, cx, cy)
+                # (s, r) = coordinates along / across the pair's axis.
+                if d == 1:
+                    s0, r0, s1, r1, s2, r2 = y0, x0, y1, x1, y2, x2
+                else:
+                    s0, r0, s1, r1, s2, r2 = x0, y0, x1, y1, x2, y2
+                best = -np.inf
+                di = -1
+                for k in range(3):
+                    if k == 0:
+                        sa, ra, sb, rb = s1, r1, s2, r2
+                    elif k == 1:
+                        sa, ra, sb, rb = s2, r2, s0, r0
+                    else:
+                        sa, ra, sb, rb = s0, r0, s1, r1
+                    if _same_sign(ra, rb):
+                        continue
+                    dr = rb - ra
+                    if dr == 0.0:
+                        continue
+                    dc = ds * (sa * dr - ra * (sb - sa)) / dr
+                    if dc > best:
+                        best = dc
+                        di = k
+                if di < 0 or not (best > -eps and best < 1.0 + eps):
+                    continue
+                if di == 0:
+                    dsx, drx = s2 - s1, r2 - r1
+                elif di == 1:
+                    dsx, drx = s0 - s2, r0 - r2
+                else:
+                    dsx, drx = s1 - s0, r1 - r0
+                if abs(drx) < abs(dsx):
+                    continue
+                o = opp[f, di]
+                if o >= 0:
+                    # Silhouette iff the wing triangle (o, edge) has the triangle's orientation.
+                    ox, oy = _to_px(pos, v, o, hw, hh, cx, cy)
+                    bb = (x1 - x0) * (y2 - y0) - (x2 - x0) * (y1 - y0)
+                    if di == 0:
+                        wing = (x1 - ox) * (y2 - oy) - (x2 - ox) * (y1 - oy)
+                    elif di == 1:
+                        wing = (x2 - ox) * (y0 - oy) - (x0 - ox) * (y2 - oy)
+                    else:
+                        wing = (x0 - ox) * (y1 - oy) - (x1 - ox) * (y0 - oy)
+                    if not _same_sign(wing, bb):
+                        continue
+                a = ds * (0.5 - min(max(best, 0.0), 1.0))
+                if a != 0.0:
+                    alpha[v, y, x, d] = a
+                    info[v, y, x, d] = di | (4 if use1 else 0)
+                    count += 1
+        row_count[row] = count
+
+
+@nb.njit(**_OPTS)
+def aa_compact(alpha, info, row_count):
+    """Flat (V, H, W, 2) indices, alphas and infos of the blends, scanning only rows that have any."""
+    V, H, W = alpha.shape[0], alpha.shape[1], alpha.shape[2]
+    n = 0
+    for r in range(V * H):
+        n += row_count[r]
+    items = np.empty(n, np.int64)
+    alphas = np.empty(n, alpha.dtype)
+    infos = np.empty(n, np.int8)
+    k = 0
+    for r in range(V * H):
+        if row_count[r] == 0:
+            continue
+        v = r // H
+        y = r % H
+        for x in range(W):
+            for d in range(2):
+                a = alpha[v, y, x, d]
+                if a != 0.0:
+                    items[k] = ((r * W) + x) * 2 + d
+                    alphas[k] = a
+                    infos[k] = info[v, y, x, d]
+                    k += 1
+    return items, alphas, infos
+
+
+@nb.njit(**_OPTS)
+def aa_apply(color, items, alphas, H, W, out):
+    """out (already a copy of color) += alpha (c1 - c0) on the pixel the edge crosses into."""
+    C = color.shape[3]
+    for k in range(items.shape[0]):
+        it = items[k]
+        d = it % 2
+        p = it // 2
+        x = p % W
+        y = (p // W) % H
+        v = p // (W * H)
+        qx = x + 1 - d
+        qy = y + d
+        a = alphas[k]
+        if a > 0.0:
+            mx, my = x, y
+        else:
+            mx, my = qx, qy
+        for c in range(C):
+            out[v, my, mx, c] += a * (color[v, qy, qx, c] - color[v, y, x, c])
+
+
+@nb.njit(**_OPTS)
+def aa_bwd(color, rast, pos, tri, items, alphas, infos, gout, boost, gcolor, gpos):
+    """Gradients of antialias: gcolor (a copy of gout on entry) and gpos ((V, N, 4), zeroed).
+
+    Position gradients come from d alpha / d(edge crossing); none where alpha saturated.
+    """
+    H, W = rast.shape[1], rast.shape[2]
+    C = color.shape[3]
+    hw = 0.5 * W
+    hh = 0.5 * H
+    for k in range(items.shape[0]):
+        it = items[k]
+        d = it % 2
+        p = it // 2
+        x = p % W
+        y = (p // W) % H
+        v = p // (W * H)
+        qx = x + 1 - d
+        qy = y + d
+        a = alphas[k]
+        mx, my = (x, y) if a > 0.0 else (qx, qy)
+        dd = 0.0
+        for c in range(C):
+            g = gout[v, my, mx, c]
+            if g != 0.0:
+                dd += g * (color[v, qy, qx, c] - color[v, y, x, c])
+                gcolor[v, y, x, c] -= a * g
+                gcolor[v, qy, qx, c] += a * g
+        if dd == 0.0 or abs(a) >= 0.5:
+            continue
+        inf = infos[k]
+        di = inf & 3
+        use1 = (inf & 4) != 0
+        px, py = (qx, qy) if use1 else (x, y)
+        f = int(rast[v, py, px, 3]) - 1
+        ia = tri[f, (di + 1) % 3]
+        ib = tri[f, (di + 2) % 3]
+        cx = px + 0.5
+        cy = py + 0.5
+        Xa, Ya, Za, Wa = _load(pos, v, ia)
+        Xb, Yb, Zb, Wb = _load(pos, v, ib)
+        # Pixel coordinates relative to the chosen centre; (s, r) = (along, across) the pair.
+        xa, ya = Xa / Wa * hw + hw - cx, Ya / Wa * hh + hh - cy
+        xb, yb = Xb / Wb * hw + hw - cx, Yb / Wb * hh + hh - cy
+        if d == 1:
+            sa, ra, sb, rb = ya, xa, yb, xb
+        else:
+            sa, ra, sb, rb = xa, ya, xb, yb
+        dr = rb - ra
+        ds_ = sb - sa
+        # alpha = +-0.5 - crossing, crossing = (sa rb - sb ra) / (rb - ra).
+        g = -dd * boost
+        gsa = g * rb / dr
+        gsb = -g * ra / dr
+        gra = -g * rb * ds_ / (dr * dr)
+        grb = g * ra * ds_ / (dr * dr)
+        if d == 1:
+            gxa, gya, gxb, gyb = gra, gsa, grb, gsb
+        else:
+            gxa, gya, gxb, gyb = gsa, gra, gsb, grb
+        gpos[v, ia, 0] += gxa * hw / Wa
+        gpos[v, ia, 1] += gya * hh / Wa
+        gpos[v, ia, 3] -= (gxa * hw * Xa + gya * hh * Ya) / (Wa * Wa)
+        gpos[v, ib, 0] += gxb * hw / Wb
+        gpos[v, ib, 1] += gyb * hh / Wb
+        gpos[v, ib, 3] -= (gxb * hw * Xb + gyb * hh * Yb) / (Wb * Wb)

@@ -1,0 +1,287 @@
+"""Benchmarks: ``python scripts/bench.py render [...]``.
+
+One subcommand per benchmark, each a ``bench_<name>(args)`` function registered in
+``SUBCOMMANDS`` with its own argument setup, so later ones (``fit``, ``gcn``) slot in the same way.
+
+``render`` times forward and backward of each renderer op (rasterize, interpolate, antialias)
+over a grid of views x resolution x faces on a hand-like multi-part mesh, per available
+backend, with peak memory, and checks the targets (cpu: 13 views, 320x256, 100k faces in
+<= 1.0 s forward + backward; nvdiffrast: 13 views, 1280x1024, 200k faces in <= 5 ms).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from capture.camera import Camera, scene_depth_range, to_clip  # noqa: E402
+import renderer  # noqa: E402
+from renderer import nvdr  # noqa: E402
+
+# (backend, views, (H, W), faces) -> target seconds for forward + backward.
+TARGETS: dict[tuple[str, int, tuple[int, int], int], float] = {
+    ("cpu", 13, (256, 320), 100_000): 1.0,
+    ("nvdiffrast", 13, (1024, 1280), 200_000): 0.005,
+}
+
+
+# ----------------------------------------------------------------------------- scene
+
+
+def _ellipsoid(n_lat: int, n_lon: int, centre, radii, axis_rot: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Closed UV ellipsoid with 2 * n_lon * (n_lat - 1) faces, outward winding."""
+    th = np.linspace(0, math.pi, n_lat + 1)[1:-1]
+    ph = np.linspace(0, 2 * math.pi, n_lon, endpoint=False)
+    T, P = np.meshgrid(th, ph, indexing="ij")
+    ring = np.stack([np.sin(T) * np.cos(P), np.sin(T) * np.sin(P), np.cos(T)], -1).reshape(-1, 3)
+    verts = np.concatenate([[[0, 0, 1]], ring, [[0, 0, -1]]]) * np.asarray(radii)
+    verts = verts @ axis_rot.T + np.asarray(centre)
+    faces = []
+    top, bottom = 0, len(verts) - 1
+    idx = lambda i, j: 1 + i * n_lon + (j % n_lon)  # noqa: E731
+    for j in range(n_lon):
+        faces.append([top, idx(0, j), idx(0, j + 1)])
+        faces.append([bottom, idx(n_lat - 2, j + 1), idx(n_lat - 2, j)])
+    for i in range(n_lat - 2):
+        for j in range(n_lon):
+            a, b, c, d = idx(i, j), idx(i, j + 1), idx(i + 1, j), idx(i + 1, j + 1)
+            faces += [[a, c, b], [b, c, d]]
+    return verts, np.asarray(faces, np.int64)
+
+
+def _rot_z(angle: float) -> np.ndarray:
+    c, s = math.cos(angle), math.sin(angle)
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
+
+
+def hand_like_mesh(n_faces: int) -> tuple[np.ndarray, np.ndarray]:
+    """Palm ellipsoid plus five finger ellipsoids (metres, ~19 cm long), about n_faces faces."""
+    parts = [((0.0, 0.0, 0.0), (0.045, 0.05, 0.02), 0.0, 0.34)]
+    for k, (dx, length, ang) in enumerate([(-0.05, 0.03, 0.9), (-0.027, 0.04, 0.12), (-0.005, 0.045, 0.0),
+                                           (0.017, 0.042, -0.1), (0.037, 0.034, -0.22)]):
+        cy = 0.05 + length * 0.8 if k else 0.0
+        parts.append(((dx if k else -0.055, cy, 0.0), (0.0095, length, 0.0095), ang, 0.132))
+    verts, faces, off = [], [], 0
+    for centre, radii, ang, share in parts:
+        f = n_faces * share
+        n_lat = max(4, int(round(math.sqrt(f / 4))))
+        n_lon = max(4, int(round(f / (2 * (n_lat - 1)))))
+        v, fc = _ellipsoid(n_lat, n_lon, centre, radii, _rot_z(ang))
+        verts.append(v)
+        faces.append(fc + off)
+        off += len(v)
+    verts = np.concatenate(verts)
+    verts -= 0.5 * (verts.min(0) + verts.max(0))  # centred on the origin, where the cameras look
+    return verts, np.concatenate(faces)
+
+
+def ring_cameras(n_views: int, height: int, width: int, distance: float = 0.26) -> list[Camera]:
+    """Cameras on a sphere cap around the origin looking at it (a capture dome)."""
+    cams = []
+    f = 1.2 * width
+    K = np.array([[f, 0, width / 2], [0, f, height / 2], [0, 0, 1.0]])
+    golden = math.pi * (3 - math.sqrt(5))
+    for i in range(n_views):
+        z = 1 - 1.6 * (i + 0.5) / n_views
+        r = math.sqrt(max(0.0, 1 - z * z))
+        eye = distance * np.array([r * math.cos(golden * i), r * math.sin(golden * i), z])
+        fwd = -eye / np.linalg.norm(eye)
+        up = np.array([0.0, 1.0, 0.0]) if abs(fwd[1]) < 0.9 else np.array([1.0, 0.0, 0.0])
+        right = np.cross(fwd, up)
+        right /= np.linalg.norm(right)
+        down = np.cross(fwd, right)
+        R = np.stack([right, down, fwd])
+        cams.append(Camera(K, R, -R @ eye, width, height, name=f"cam{i:02d}"))
+    return cams
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+@dataclass
+class OpTimes:
+    fwd: dict[str, float]
+    bwd: dict[str, float]
+    total: float
+    coverage: float
+    peak_mb: float
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float]:
+    _sync(device)
+    t = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return out, time.perf_counter() - t
+
+
+def _reset_peak(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    try:  # Linux: writing 5 to clear_refs resets VmHWM (peak RSS) to the current RSS.
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+    return _rss_mb("VmRSS")
+
+
+def _rss_mb(field: str) -> float:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_mb(device: torch.device, base: float) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20 - base
+    return _rss_mb("VmHWM") - base
+
+
+def run_once(ctx, pos: torch.Tensor, tri: torch.Tensor, attr: torch.Tensor, res: tuple[int, int],
+             topo) -> OpTimes:
+    """One forward + backward, each op timed on its own (graph cut at op boundaries)."""
+    dev = pos.device
+    base = _reset_peak(dev)
+    p = pos.detach().requires_grad_(True)
+    a = attr.detach().requires_grad_(True)
+    t_all = time.perf_counter()
+    (rast, _db), t_r = _timed(lambda: renderer.rasterize(ctx, p, tri, res, grad_db=False), dev)
+    rast_in = rast.detach().requires_grad_(True)
+    (col, _), t_i = _timed(lambda: renderer.interpolate(a, rast_in, tri, ctx=ctx), dev)
+    col_in = col.detach().requires_grad_(True)
+    p_aa = p.detach().requires_grad_(True)
+    img, t_a = _timed(lambda: renderer.antialias(col_in, rast, p_aa, tri, topology_hash=topo, ctx=ctx), dev)
+    grad_img = torch.ones_like(img)
+    _, b_a = _timed(lambda: img.backward(grad_img), dev)
+    _, b_i = _timed(lambda: col.backward(col_in.grad), dev)
+    _, b_r = _timed(lambda: rast.backward(rast_in.grad), dev)
+    _sync(dev)
+    total = time.perf_counter() - t_all
+    coverage = float((rast[..., 3] > 0).float().mean())
+    return OpTimes({"rasterize": t_r, "interpolate": t_i, "antialias": t_a},
+                   {"rasterize": b_r, "interpolate": b_i, "antialias": b_a}, total, coverage, _peak_mb(dev, base))
+
+
+def bench_render(args: argparse.Namespace) -> int:
+    """Table of per-op forward/backward ms per backend x views x resolution x faces; targets."""
+    backends = [b for b in args.backends.split(",") if b]
+    rows, failed = [], False
+    torch.manual_seed(0)
+    for backend in backends:
+        if backend == "nvdiffrast" and not (torch.cuda.is_available() and nvdr.available()):
+            print(f"[skip] nvdiffrast: {nvdr.why_unavailable() or 'CUDA not available'}")
+            continue
+        device = torch.device("cuda" if backend == "nvdiffrast" else "cpu")
+        ctx = renderer.make_context(backend, device=device)
+        grid = _grid(args, backend)
+        for n_faces in sorted({g[2] for g in grid}):
+            verts, faces = hand_like_mesh(n_faces)
+            v_t = torch.tensor(verts, dtype=torch.float32, device=device)
+            tri = torch.tensor(faces, dtype=torch.int32, device=device)
+            attr = torch.rand(len(verts), 3, device=device)
+            topo = renderer.antialias_construct_topology_hash(tri)
+            for views, res, nf in grid:
+                if nf != n_faces:
+                    continue
+                cams = ring_cameras(views, res[0], res[1])
+                near, far = scene_depth_range(verts, cams)
+                pos = to_clip(v_t, cams, near, far).contiguous()
+                for _ in range(args.warmup):
+                    run_once(ctx, pos, tri, attr, res, topo)
+                runs = [run_once(ctx, pos, tri, attr, res, topo) for _ in range(args.repeat)]
+                best = min(runs, key=lambda r: r.total)
+                rows.append((backend, views, res, len(faces), best))
+                target = TARGETS.get((backend, views, res, n_faces))
+                _print_row(backend, views, res, len(faces), best, target)
+                if target is not None and best.total > target:
+                    failed = True
+    return 1 if (failed and args.strict) else 0
+
+
+def _grid(args: argparse.Namespace, backend: str) -> list[tuple[int, tuple[int, int], int]]:
+    if args.quick:
+        views, sizes, faces = [13], [(256, 320)], [100_000]
+        if backend == "nvdiffrast":
+            sizes, faces = [(1024, 1280)], [200_000]
+    else:
+        views = [int(v) for v in args.views.split(",")]
+        sizes = [tuple(int(x) for x in s.split("x"))[::-1] for s in args.sizes.split(",")]  # WxH -> (H, W)
+        faces = [int(f) for f in args.faces.split(",")]
+        if backend == "nvdiffrast":
+            sizes = sorted(set(sizes) | {(1024, 1280)})
+            faces = sorted(set(faces) | {200_000})
+    return [(v, s, f) for v in views for s in sizes for f in faces]
+
+
+_HEADER_DONE = False
+
+
+def _print_row(backend: str, views: int, res: tuple[int, int], faces: int, t: OpTimes, target: float | None) -> None:
+    global _HEADER_DONE
+    if not _HEADER_DONE:
+        print(f"{'backend':<11}{'views':>6}{'WxH':>11}{'faces':>9}{'cover':>7} | "
+              f"{'rast f/b ms':>14}{'interp f/b ms':>15}{'aa f/b ms':>14} | {'total ms':>9}{'peak MB':>9}  target")
+        _HEADER_DONE = True
+    ms = lambda x: 1000 * x  # noqa: E731
+    cell = lambda op: f"{ms(t.fwd[op]):6.1f}/{ms(t.bwd[op]):<6.1f}"  # noqa: E731
+    verdict = ""
+    if target is not None:
+        verdict = f"{'PASS' if t.total <= target else 'FAIL'} (<= {ms(target):g} ms)"
+    print(f"{backend:<11}{views:>6}{res[1]:>6}x{res[0]:<4}{faces:>9}{t.coverage:>7.2f} | "
+          f"{cell('rasterize'):>14}{cell('interpolate'):>15}{cell('antialias'):>14} | "
+          f"{ms(t.total):9.1f}{t.peak_mb:9.1f}  {verdict}", flush=True)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _add_render(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("render", help="per-op forward/backward timings of the renderer")
+    p.add_argument("--backends", default="cpu,nvdiffrast", help="comma list of cpu,nvdiffrast")
+    p.add_argument("--views", default="1,13", help="comma list of view counts")
+    p.add_argument("--sizes", default="320x256,640x512", help="comma list of WxH")
+    p.add_argument("--faces", default="25000,100000", help="comma list of face counts")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs per configuration (best is shown)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (JIT, caches)")
+    p.add_argument("--quick", action="store_true", help="only the target configurations")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
+    p.set_defaults(func=bench_render)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_render]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
