@@ -10,6 +10,7 @@ overrides (``--set ham.epochs=50``) are parsed by the type of the base value.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
@@ -89,13 +90,27 @@ def load_base(base_path: str | Path = BASE_CONF) -> ConfigTree:
     return _parse(Path(base_path))
 
 
+_PARSE_CACHE: dict[tuple, dict[str, Any]] = {}
+
+
 def _parse(path: Path) -> ConfigTree:
+    """Parse a conf file (with its includes). pyhocon takes ~0.3 s per file, so results are
+    cached by the (path, mtime, size) of every file of the include chain, and copied out."""
     try:
-        return ConfigFactory.parse_file(str(path))
+        key = tuple((str(p.resolve()), p.stat().st_mtime_ns, p.stat().st_size) for p in _include_chain(path))
+    except OSError:
+        key = ()
+    if key and key in _PARSE_CACHE:
+        return ConfigFactory.from_dict(copy.deepcopy(_PARSE_CACHE[key]))
+    try:
+        tree = ConfigFactory.parse_file(str(path))
     except ConfigException as e:
         raise ConfError(f"{_display(path)}: cannot parse: {e}") from None
     except Exception as e:  # pyparsing errors carry the line and column
         raise ConfError(f"{_display(path)}: syntax error: {e}") from None
+    if key:
+        _PARSE_CACHE[key] = to_plain(tree)
+    return tree
 
 
 def _check_includes(path: Path, seen: set[Path] | None = None) -> None:
@@ -187,7 +202,11 @@ def _check_against_schema(tree: ConfigTree, base: ConfigTree, path: Path) -> Non
         if isinstance(base_value, Mapping):
             raise ConfError(f"{_display(_defining_file(path, key))}: '{key}' is a section in base.conf, not a value")
         value = _lookup(tree, key)
-        coerced = _coerce(value, base_value, key, _display(_defining_file(path, key)))
+        try:
+            coerced = _coerce(value, base_value, key, "")
+        except ConfError:  # name the file only now: finding it means re-parsing the include chain
+            _coerce(value, base_value, key, _display(_defining_file(path, key)))
+            raise
         if coerced is not value:
             tree.put(key, coerced, append=False)
 
@@ -201,7 +220,7 @@ def _coerce(value: Any, base_value: Any, key: str, source: str) -> Any:
     if base_value is None or value is None:
         return value
     bad = ConfError(
-        f"conf key '{key}' in {source} must be a {_type_name(base_value)} like the default "
+        f"conf key '{key}'{' in ' + source if source else ''} must be a {_type_name(base_value)} like the default "
         f"{json.dumps(base_value)}, got {value!r}"
     )
     if isinstance(base_value, bool):
