@@ -15,6 +15,7 @@ finger's joints (PIP and DIP flex together, curled fingers spread less).
 from __future__ import annotations
 
 import math
+import weakref
 from functools import lru_cache
 
 import torch
@@ -162,15 +163,21 @@ def _builtin_prior(side: str, device: str, dtype: torch.dtype) -> PosePrior:
     return PosePrior(load("builtin", side, dtype=dtype)).to(device)
 
 
+_MODEL_PRIORS: "weakref.WeakKeyDictionary[HandModel, PosePrior]" = weakref.WeakKeyDictionary()
+
+
 def pose_prior_loss(hand_pose: torch.Tensor, side: str = "right", model: HandModel | None = None) -> torch.Tensor:
     """(B,) pose prior of ``hand_pose`` for ``model`` (default: the built-in hand of ``side``).
 
     Pass ``model`` when fitting MANO: its rest pose and ``pose_mean`` differ from the built-in's.
-    Building the prior costs a forward pass; keep a :class:`PosePrior` around in tight loops.
+    Priors are built once per model (a forward pass) and cached while the model lives.
     """
-    if model is not None:
-        return PosePrior(model).to(hand_pose.device)(hand_pose)
-    return _builtin_prior(side, str(hand_pose.device), hand_pose.dtype)(hand_pose)
+    if model is None:
+        return _builtin_prior(side, str(hand_pose.device), hand_pose.dtype)(hand_pose)
+    prior = _MODEL_PRIORS.get(model)
+    if prior is None or prior.frames.device != model.template.device or prior.frames.dtype != model.template.dtype:
+        prior = _MODEL_PRIORS[model] = PosePrior(model)
+    return prior(hand_pose)
 
 
 __all__ = ["LIMITS_DEG", "PosePrior", "anatomical_frames", "default_limits", "pose_prior_loss", "sample_poses", "shape_prior"]

@@ -371,6 +371,9 @@ def write_provenance(args: argparse.Namespace, anny_version: str, stats: dict) -
         "",
         CANONICAL_AXES,
         "",
+        "Only the right hand is stored: `handmodel.load('builtin', 'left')` mirrors it exactly "
+        "(x negated, face winding flipped, pose axis-angles (x, -y, -z)).",
+        "",
         "## Keys (float32 unless stated; V vertices, F faces, T uv corners)",
         "",
         "| key | shape | meaning |",

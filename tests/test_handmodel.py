@@ -229,6 +229,7 @@ def test_prior_is_mirror_invariant(right: HandModel, left: HandModel) -> None:
     assert torch.allclose(pl.angles(mirrored), pr.angles(pose), atol=1e-5)
     assert torch.allclose(pl(mirrored), pr(pose), atol=1e-5)
     assert torch.allclose(pose_prior_loss(mirrored, "left"), pose_prior_loss(pose, "right"), atol=1e-5)
+    assert torch.allclose(pose_prior_loss(pose, "left", model=right), pr(pose))
 
 
 def test_sampled_poses_flex_towards_the_palm(right: HandModel) -> None:
