@@ -78,15 +78,15 @@ class PosePrior(torch.nn.Module):
 
     def __init__(self, model: HandModel, l2_weight: float = 0.01, limits: torch.Tensor | None = None) -> None:
         super().__init__()
-        dt = model.template.dtype
+        like = {"dtype": model.template.dtype, "device": model.template.device}
         self.side = model.side
         self.l2_weight = float(l2_weight)
-        self.register_buffer("frames", anatomical_frames(model).to(dt), persistent=False)
-        lim = default_limits() if limits is None else torch.as_tensor(limits, dtype=torch.float64)
+        self.register_buffer("frames", anatomical_frames(model).to(**like), persistent=False)
+        lim = default_limits() if limits is None else torch.as_tensor(limits, dtype=torch.float64).cpu()
         if lim.shape != (NUM_POSE_JOINTS, 3, 2) or bool((lim[..., 0] > lim[..., 1]).any()):
             raise ValueError(f"limits must be (15, 3, 2) with low <= high, got shape {tuple(lim.shape)}")
-        self.register_buffer("low", lim[..., 0].to(dt), persistent=False)
-        self.register_buffer("high", lim[..., 1].to(dt), persistent=False)
+        self.register_buffer("low", lim[..., 0].to(**like), persistent=False)
+        self.register_buffer("high", lim[..., 1].to(**like), persistent=False)
         self.register_buffer("pose_mean", model.pose_mean.detach().clone(), persistent=False)
 
     def angles(self, hand_pose: torch.Tensor) -> torch.Tensor:
@@ -110,7 +110,10 @@ class PosePrior(torch.nn.Module):
         return self.limit_penalty(hp) + self.l2_weight * (hp**2).sum(dim=(1, 2))
 
     def sample_poses(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(n,15,3) plausible hand poses inside the limits (on the prior's device and dtype)."""
+        """(n,15,3) plausible hand poses inside the limits, on the prior's device and dtype.
+
+        ``generator``: a CPU ``torch.Generator`` for reproducible draws (the global one if None).
+        """
         g = generator
         dev, dt = self.frames.device, self.frames.dtype
 
