@@ -86,10 +86,12 @@ def draw_overlay(
             if kp[j, 2] <= 0 or not np.isfinite(kp[j, :2]).all():
                 continue
             c = _lighter(color) if inl[j] else REJECTED_COLOR
-            cv2.circle(canvas, pt(kp[j, :2]), radius * k, c, thick, cv2.LINE_AA, shift)
+            p, r = pt(kp[j, :2]), radius * k
+            # a dark outline under every mark keeps it visible on skin and on black alike
+            cv2.circle(canvas, p, r, (0, 0, 0), thick + 2, cv2.LINE_AA, shift)
+            cv2.circle(canvas, p, r, c, thick, cv2.LINE_AA, shift)
             if not inl[j]:
-                r = radius * k
-                p = pt(kp[j, :2])
+                cv2.line(canvas, (p[0] - r, p[1] - r), (p[0] + r, p[1] + r), (0, 0, 0), thick + 2, cv2.LINE_AA, shift)
                 cv2.line(canvas, (p[0] - r, p[1] - r), (p[0] + r, p[1] + r), c, thick, cv2.LINE_AA, shift)
 
     for side, joints in fitted.items():

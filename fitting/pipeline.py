@@ -226,12 +226,13 @@ def _reset_hwm() -> bool:
 
 
 # ---------------------------------------------------------------------------------------- reading
-SCAN_FORMATS = ("fmhr",)
+SCAN_FORMATS = ("fmhr", "interhand")
 
 
 def read_scan(tree: Mapping[str, Any], data_path: str | Path, scan_id: str) -> Any:
     """Read the scan with the reader of ``data.format`` (imported here, so a reader's optional
-    dependencies are only needed when that format is used)."""
+    dependencies are only needed when that format is used). ``data.views`` picks views by name
+    (FMHR view ids, InterHand camera ids)."""
     data = tree["data"]
     fmt = str(data["format"])
     scale = float(data["scale"])
@@ -240,6 +241,14 @@ def read_scan(tree: Mapping[str, Any], data_path: str | Path, scan_id: str) -> A
         from capture.fmhr import read_fmhr
 
         return read_fmhr(data_path, scan_id, scale=scale, views=views)
+    if fmt == "interhand":
+        from capture.interhand import read_interhand
+
+        try:
+            index = int(scan_id)
+        except ValueError:
+            raise ConfError(f"InterHand2.6M scan ids are frame numbers of the split, got {scan_id!r}") from None
+        return read_interhand(data_path, str(data["split"]), index, scale=scale, cameras=views)
     raise ConfError(f"data.format = {fmt!r} is not a known capture format; use one of {SCAN_FORMATS}")
 
 
@@ -252,6 +261,7 @@ def scan_identity(tree: Mapping[str, Any], data_path: str | Path, scan_id: str) 
         "scan_id": str(scan_id),
         "scale": float(data["scale"]),
         "views": [str(v) for v in data["views"]],
+        "split": str(data["split"]) if str(data["format"]) == "interhand" else None,
     }
 
 
