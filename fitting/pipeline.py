@@ -58,8 +58,8 @@ class StageSpec:
         return fn
 
 
-# Stages a conf may list in ``pipeline.stages``. Each depends on the data identity and the hand
-# model; ``hand_fit`` additionally reads pose_fit's section to know its robust thresholds.
+# Stages a conf may list in ``pipeline.stages``, with the sections besides their own that they
+# read. What an earlier stage's conf did reaches later stages through the chained hash.
 REGISTRY: dict[str, StageSpec] = {}
 
 
@@ -92,7 +92,7 @@ def stage_hash(tree: Mapping[str, Any], spec: StageSpec, identity: Mapping[str, 
     """Hash of what decides a stage's result: its own section, its declared sections, the scan
     identity, its name, and the previous stage's hash (so upstream changes propagate)."""
     sections = [s for s in (spec.name, *spec.conf_sections) if s not in UNHASHED_KEYS]
-    seed = tree.get("seed", None) if hasattr(tree, "get") else None
+    seed = tree.get("seed", None)
     ident = {"scan": dict(identity), "stage": spec.name, "previous": previous, "seed": seed}
     return conf_hash(tree, sections, ident)
 
@@ -123,8 +123,33 @@ def atomic_write_text(text: str, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def weights_only_safe(value: Any, where: str = "state") -> Any:
+    """``value`` with numpy arrays as tensors and numpy scalars as Python numbers, so that
+    ``torch.load(weights_only=True)`` reads it back; anything else is an error naming its place
+    (a checkpoint that cannot be loaded would silently be recomputed on every run)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return value
+    if isinstance(value, Mapping):
+        return {k: weights_only_safe(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [weights_only_safe(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, tuple):
+        return tuple(weights_only_safe(v, f"{where}[{i}]") for i, v in enumerate(value))
+    raise TypeError(
+        f"{where} is a {type(value).__name__}, which a weights_only checkpoint cannot hold; store tensors, "
+        "arrays, numbers, strings, lists and dicts in the State"
+    )
+
+
 def save_checkpoint(path: Path, state: State, name: str, digest: str) -> None:
-    payload = {"format": CHECKPOINT_FORMAT, "stage": name, "conf_hash": digest, "state": state.to_dict()}
+    payload = {"format": CHECKPOINT_FORMAT, "stage": name, "conf_hash": digest,
+               "state": weights_only_safe(state.to_dict())}
     atomic_torch_save(payload, path)
     metrics = json_safe(state.metrics.get(name, {}))
     atomic_write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", path.with_suffix(".json"))
@@ -226,7 +251,7 @@ def _reset_hwm() -> bool:
 
 
 # ---------------------------------------------------------------------------------------- reading
-SCAN_FORMATS = ("fmhr", "interhand")
+SCAN_FORMATS = ("fmhr", "interhand", "synthetic")
 
 
 def read_scan(tree: Mapping[str, Any], data_path: str | Path, scan_id: str) -> Any:
@@ -241,6 +266,11 @@ def read_scan(tree: Mapping[str, Any], data_path: str | Path, scan_id: str) -> A
         from capture.fmhr import read_fmhr
 
         return read_fmhr(data_path, scan_id, scale=scale, views=views)
+    if fmt == "synthetic":  # FMHR layout plus the known answers in gt/ (synthetic.write_synthetic)
+        from synthetic import read_synthetic
+
+        scan = read_synthetic(data_path, scan_id, scale=scale)
+        return scan.subset(views) if views else scan
     if fmt == "interhand":
         from capture.interhand import read_interhand
 
@@ -284,15 +314,15 @@ def run_pipeline(
     names = list(tree["pipeline"]["stages"])
     specs = stage_specs(names, registry)
     identity = dict(identity or {})
-    set_progress_enabled(bool(tree.get("log", {}).get("progress", True)) if hasattr(tree, "get") else True)
+    set_progress_enabled(bool(tree.get("log", {}).get("progress", True)))
     if restart:
         log.info("restart: recomputing every stage")
         _remove_checkpoints(out_dir, 0)
     state = state if state is not None else State()
     previous = ""
     recomputed = False
-    device = str(tree.get("device", "cpu")) if hasattr(tree, "get") else "cpu"
-    seed = int(tree.get("seed", 0)) if hasattr(tree, "get") else 0
+    device = str(tree.get("device", "cpu"))
+    seed = int(tree.get("seed", 0))
     for index, spec in enumerate(specs):
         digest = stage_hash(tree, spec, identity, previous)
         path = checkpoint_path(out_dir, index, spec.name)
@@ -312,8 +342,8 @@ def run_pipeline(
             start = time.perf_counter()
             with PeakMemory(cuda=device.startswith("cuda")) as mem:
                 result = fn(scan, state, tree)
-            if device.startswith("cuda") and torch.cuda.is_available():
-                torch.cuda.synchronize()
+                if device.startswith("cuda") and torch.cuda.is_available():
+                    torch.cuda.synchronize()  # the stage's queued GPU work belongs to its time
             elapsed = time.perf_counter() - start
             if not isinstance(result, State):
                 raise TypeError(f"stage '{spec.name}' returned {type(result).__name__}, expected State")
@@ -463,5 +493,5 @@ def progress(
 __all__ = [
     "REGISTRY", "StageSpec", "register", "stage_specs", "run_pipeline", "checkpoint_path", "stage_hash",
     "load_checkpoint", "save_checkpoint", "setup_logging", "progress", "Progress", "set_progress_enabled",
-    "json_safe", "PeakMemory", "to_plain",
+    "json_safe", "PeakMemory", "to_plain", "read_scan", "scan_identity", "weights_only_safe", "seed_everything",
 ]

@@ -232,6 +232,32 @@ def test_corrupt_or_foreign_checkpoint_is_recomputed(tmp_path: Path):
     assert _calls(calls) == ["pose_fit", "hand_fit", "hand_fit"]
 
 
+def test_numpy_values_in_state_still_resume(tmp_path: Path):
+    """numpy scalars/arrays in metrics or records must not make a checkpoint unloadable."""
+    calls = tmp_path / "c.txt"
+
+    def np_stage(scan, state, conf):
+        _record(scan, "pose_fit")
+        state.metrics["pose_fit"] = {"err": np.float64(1.5), "n": np.int64(3), "per_view": np.arange(3.0)}
+        state.neural = {"table": {"a": np.float32(2.0)}}
+        return state
+
+    reg = {"pose_fit": P.StageSpec("pose_fit", np_stage)}
+    tree = _tree("pipeline.stages=[pose_fit]")
+    first = P.run_pipeline(FakeScan(calls), tree, tmp_path / "o", registry=reg)
+    second = P.run_pipeline(FakeScan(calls), tree, tmp_path / "o", registry=reg)
+    assert _calls(calls) == ["pose_fit"]
+    assert second.metrics["pose_fit"]["err"] == 1.5 and first.metrics["pose_fit"]["n"] == 3
+    assert torch.equal(second.metrics["pose_fit"]["per_view"], torch.arange(3.0, dtype=torch.float64))
+
+    def bad_stage(scan, state, conf):
+        state.neural = {"net": object()}
+        return state
+
+    with pytest.raises(TypeError, match=r"state.neural.net is a object"):
+        P.run_pipeline(FakeScan(calls), tree, tmp_path / "b", registry={"pose_fit": P.StageSpec("pose_fit", bad_stage)})
+
+
 def test_unknown_stage_and_bad_return(tmp_path: Path):
     from fitting.conf import ConfError
 
@@ -374,3 +400,52 @@ def test_fit_end_to_end_on_the_demo_capture(fmhr_demo_path: Path, tmp_path: Path
     last = err.strip().splitlines()[-1]
     assert rc == 2 and last.startswith("error: HandModelFileNotFound: MANO model file not found")
     assert "stage 00 pose_fit" not in err  # checked before any stage runs
+
+
+def test_fit_reads_interhand_through_its_conf(tmp_path: Path, capsys, monkeypatch):
+    """conf/ih_sfs.conf end to end on a tiny InterHand2.6M tree (the capture tests' fixture):
+    the keypoints are projections of the annotations, so pose_fit must give them back."""
+    from test_capture import write_interhand_fixture
+
+    from export.params_io import load_keypoints3d
+    from fitting.conf import ConfError
+
+    write_interhand_fixture(tmp_path / "ih")
+    monkeypatch.chdir(tmp_path)
+    argv = ["--conf", str(REPO / "conf" / "ih_sfs.conf"), "--data_path", "ih", "--scan_id", "1",
+            "--set", "pipeline.stages=[pose_fit]", "--set", "pose_fit.min_joints=4", "--out", "o"]
+    rc, err = _fit(argv, capsys)
+    assert rc == 0, err
+    joints, valid = load_keypoints3d(tmp_path / "o" / "keypoints3d.npz")
+    from capture.interhand import read_interhand
+
+    gt = read_interhand(tmp_path / "ih", "test", 1, load_images=False).gt
+    for side in ("left", "right"):
+        ok = valid[side] & gt.keypoints_valid[side]
+        assert ok.sum() >= 10
+        np.testing.assert_allclose(joints[side][ok], gt.keypoints3d[side][ok], atol=1e-4)
+    tree = load_conf(REPO / "conf" / "ih_sfs.conf").tree
+    with pytest.raises(ConfError, match="frame numbers"):
+        P.read_scan(tree, tmp_path / "ih", "abc")
+    assert P.scan_identity(tree, "ih", "1")["split"] == "test"
+
+
+def test_fit_on_a_synthetic_scan_recovers_its_keypoints(tmp_path: Path, capsys, monkeypatch):
+    """data.format = synthetic: known answers in, the same answers out of pose_fit."""
+    from synthetic import generate, write_synthetic
+
+    from export.params_io import load_keypoints3d
+
+    synth = generate(views=5, size=(160, 120), seed=3, noise_px=0.0, miss_rate=0.0, hand_miss_rate=0.0,
+                     swap_rate=0.0)
+    write_synthetic(synth, tmp_path / "syn", "7")
+    monkeypatch.chdir(tmp_path)
+    rc, err = _fit(["--conf", str(REPO / "conf" / "demo_sfs.conf"), "--data_path", "syn", "--scan_id", "7",
+                    "--set", "data.format=synthetic", "--set", "data.scale=1.0", "--set", "pipeline.stages=[pose_fit]",
+                    "--out", "o"], capsys)
+    assert rc == 0, err
+    joints, valid = load_keypoints3d(tmp_path / "o" / "keypoints3d.json")
+    gt = P.read_scan(load_conf(REPO / "conf" / "base.conf", ["data.format=synthetic"]).tree, tmp_path / "syn", "7").gt
+    for side in gt.keypoints3d:
+        assert valid[side].all()
+        np.testing.assert_allclose(joints[side], gt.keypoints3d[side], atol=1e-6)  # noise-free detections
