@@ -41,6 +41,8 @@ def format_value(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, (list, tuple)):
+        if not v:
+            return "none"
         text = ", ".join(format_value(x) for x in v)
         return text if len(text) <= 200 else text[:197] + "..."
     return str(v)
@@ -66,9 +68,13 @@ def render_html(sections: Iterable[ReportSection], title: str, base_dir: Path, h
         parts.append(f"<h2>{e(s.title)}</h2>\n")
         if s.text:
             parts.append(f"<p>{e(s.text)}</p>\n")
-        rows = flatten_metrics(s.metrics)
+        scalars = {k: v for k, v in s.metrics.items() if not _is_matrix(v)}
+        rows = flatten_metrics(scalars)
         if rows:
             parts.append(_table(rows))
+        for k, v in s.metrics.items():
+            if _is_matrix(v):
+                parts.append(_matrix(k, v))
         if s.images:
             parts.append("<div class='grid'>\n")
             for img in s.images:
@@ -78,6 +84,26 @@ def render_html(sections: Iterable[ReportSection], title: str, base_dir: Path, h
             parts.append("</div>\n")
     parts.append("</body></html>\n")
     return "".join(parts)
+
+
+def _is_matrix(v: Any) -> bool:
+    """Per-side (or per-view) records, e.g. ``{"left": {...}, "right": {...}}``: shown side by side."""
+    return isinstance(v, Mapping) and len(v) > 0 and all(isinstance(x, Mapping) for x in v.values())
+
+
+def _matrix(title: str, records: Mapping[str, Mapping[str, Any]]) -> str:
+    e = html.escape
+    cols = list(records)
+    flat = {c: dict(flatten_metrics(records[c])) for c in cols}
+    keys: list[str] = []
+    for c in cols:
+        keys += [k for k in flat[c] if k not in keys]
+    head = "".join(f"<th>{e(str(c))}</th>" for c in cols)
+    body = "".join(
+        f"<tr><th>{e(k)}</th>" + "".join(f"<td class='v'>{e(format_value(flat[c].get(k)))}</td>" for c in cols) + "</tr>\n"
+        for k in keys
+    )
+    return f"<table>\n<tr><th>{e(title)}</th>{head}</tr>\n{body}</table>\n"
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:

@@ -230,7 +230,9 @@ def test_report_is_offline_with_relative_images(tmp_path: Path):
     ) + [report.ReportSection("notes <b>", text="a < b")]
     path = report.write_report(tmp_path / "run" / "report.html", sections, "T", {"scan_id": "1"})
     html = path.read_text()
-    assert "stage pose_fit" in html and "sides.left.reprojection_median_px" in html and "1.235" in html
+    assert "stage pose_fit" in html and "1.235" in html
+    # per-side records are one table with a column per side
+    assert "<tr><th>sides</th><th>left</th></tr>" in html and "<th>reprojection_median_px</th><td class='v'>3.5</td>" in html
     assert "00, 07" in html and "notes &lt;b&gt;" in html and "a &lt; b" in html
     srcs = re.findall(r"src='([^']+)'", html)
     assert srcs == ["images/pose_fit/overlay_00.png"]
