@@ -1,8 +1,8 @@
 """Differentiable rasterization with nvdiffrast's interface over a numba CPU backend and nvdiffrast.
 
 Ops (``rasterize``, ``interpolate``, ``texture``, ``antialias``) take nvdiffrast's arguments;
-``make_context`` picks the backend. ``shading`` builds images from them, ``mesh_ops`` holds the
-mesh utilities (Loop subdivision, Laplacians, regularisers) the fitting stages need.
+``make_context`` picks the backend. ``shading`` builds images from them (``render_mesh``),
+``mesh_ops`` holds the mesh utilities (Loop subdivision, Laplacians, regularisers).
 """
 from renderer.context import RenderContext, RendererError, make_context
 from renderer.ops import (
@@ -13,9 +13,11 @@ from renderer.ops import (
     rasterize,
     texture,
 )
+from renderer.shading import RenderResult, render_mesh
 
 __all__ = [
     "RenderContext",
+    "RenderResult",
     "RendererError",
     "TopologyHash",
     "antialias",
@@ -23,5 +25,6 @@ __all__ = [
     "interpolate",
     "make_context",
     "rasterize",
+    "render_mesh",
     "texture",
 ]

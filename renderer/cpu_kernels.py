@@ -66,7 +66,7 @@ def _grow(px, py, xmin, xmax, ymin, ymax):
 
 def plan_units(n_views: int, height: int, n_threads: int) -> int:
     """Bands per view so that views x bands gives each thread about four units to balance."""
-    if n_views >= 4 * n_threads:
+    if n_threads <= 1 or n_views >= 4 * n_threads:
         return 1
     return int(max(1, min(height, -(-4 * n_threads // max(n_views, 1)))))
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import numba
 import numpy as np
@@ -54,6 +55,24 @@ def _torch_dtype(a: np.ndarray) -> torch.dtype:
 
 def _threads() -> int:
     return int(numba.get_num_threads())
+
+
+_SMALL_WORK = 1 << 15  # pixels; below this a parallel launch costs more than it saves
+
+
+@contextmanager
+def _threads_for(pixels: int) -> Iterator[None]:
+    """Run numba kernels single-threaded on tiny images (thread wake-ups dominate there, and
+    badly so on a loaded machine)."""
+    if pixels >= _SMALL_WORK or numba.get_num_threads() == 1:
+        yield
+        return
+    prev = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(prev)
 
 
 def _backend(ctx: RenderContext | None, t: torch.Tensor) -> str:
@@ -116,7 +135,8 @@ class _RasterizeCPU(torch.autograd.Function):
         use_db = bool(use_db and grad_db is not None and bool(torch.any(grad_db != 0)))
         gdb = _np(grad_db, kd) if use_db else np.zeros((1, 1, 1, 4), p.dtype)
         gbuf = np.zeros((V * nband, N, 4), p.dtype)
-        K.raster_bwd(p, t, rast, gr, gdb, use_db, nband, gbuf)
+        with _threads_for(rast.shape[0] * rast.shape[1] * rast.shape[2]):
+            K.raster_bwd(p, t, rast, gr, gdb, use_db, nband, gbuf)
         g = gbuf.reshape(V, nband, N, 4).sum(axis=1) if nband > 1 else gbuf.reshape(V, N, 4)
         dev = grad_rast.device if grad_rast is not None else grad_db.device
         return torch.from_numpy(g).to(device=dev, dtype=ctx.pos_dtype), None, None, None
@@ -149,7 +169,8 @@ def rasterize(
         raise RendererError(f"pos must have shape (V, N, 4) clip coordinates, got {tuple(pos.shape)}")
     if H > 32767 or W > 32767:
         raise RendererError(f"resolution {H}x{W} too large for the cpu backend (max 32767)")
-    return _RasterizeCPU.apply(pos, tri, (H, W), bool(grad_db))
+    with _threads_for(pos.shape[0] * H * W):
+        return _RasterizeCPU.apply(pos, tri, (H, W), bool(grad_db))
 
 
 # ----------------------------------------------------------------------------- interpolate
@@ -184,12 +205,13 @@ class _InterpolateCPU(torch.autograd.Function):
         go = _np(gout, _torch_dtype(r)) if gout is not None else np.zeros((V, H, W, C), r.dtype)
         gd = _np(gda, _torch_dtype(r)) if (gda is not None and len(didx)) else np.zeros((V, H, W, 2 * len(didx)), r.dtype)
         per_view = A > 1
-        ptr, rows, nband = _row_units(V, H, per_view)
-        U = len(ptr) - 1
-        gbuf = np.zeros((U, N, C), r.dtype)
-        grast = np.zeros((V, H, W, 4), r.dtype)
-        gdb = np.zeros((V, H, W, 4), r.dtype) if len(didx) else np.zeros((1, 1, 1, 4), r.dtype)
-        K.interp_bwd(a, r, t, db, didx, go, gd, ptr, rows, gbuf, grast, gdb)
+        with _threads_for(V * H * W):
+            ptr, rows, nband = _row_units(V, H, per_view)
+            U = len(ptr) - 1
+            gbuf = np.zeros((U, N, C), r.dtype)
+            grast = np.zeros((V, H, W, 4), r.dtype)
+            gdb = np.zeros((V, H, W, 4), r.dtype) if len(didx) else np.zeros((1, 1, 1, 4), r.dtype)
+            K.interp_bwd(a, r, t, db, didx, go, gd, ptr, rows, gbuf, grast, gdb)
         if per_view:
             ga = gbuf.reshape(V, nband, N, C).sum(axis=1) if nband > 1 else gbuf
         else:
@@ -239,7 +261,8 @@ def interpolate(
             return dr.interpolate(attr.float().contiguous(), rast, tri.int().contiguous(), rast_db=rast_db, diff_attrs=list(didx))
         return dr.interpolate(attr.float().contiguous(), rast, tri.int().contiguous())
     db = rast_db if didx else rast.new_zeros((1, 1, 1, 4))
-    return _InterpolateCPU.apply(attr, rast, tri, db, didx)
+    with _threads_for(rast.shape[0] * rast.shape[1] * rast.shape[2]):
+        return _InterpolateCPU.apply(attr, rast, tri, db, didx)
 
 
 # ----------------------------------------------------------------------------- texture
@@ -446,4 +469,5 @@ def antialias(
     if color.ndim != 4 or rast.ndim != 4 or pos.ndim != 3:
         raise RendererError(f"antialias needs color (V,H,W,C), rast (V,H,W,4), pos (V,N,4); got "
                             f"{tuple(color.shape)}, {tuple(rast.shape)}, {tuple(pos.shape)}")
-    return _AntialiasCPU.apply(color, rast, pos, tri, topology_hash, float(pos_gradient_boost))
+    with _threads_for(rast.shape[0] * rast.shape[1] * rast.shape[2]):
+        return _AntialiasCPU.apply(color, rast, pos, tri, topology_hash, float(pos_gradient_boost))
