@@ -107,6 +107,8 @@ def input_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fitting.pipeline import reset_logging
+
     args = parse_args(argv)
     try:
         return run(args)
@@ -116,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; finished stages are kept and a rerun resumes after them", file=sys.stderr)
         return 130
+    finally:
+        reset_logging()
 
 
 if __name__ == "__main__":

@@ -390,19 +390,17 @@ def json_safe(value: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ logging
+# The run's own logger and the project's packages (modules log under ``__name__``), so their
+# messages reach the console and run.log too; third-party libraries stay at their defaults.
+LOGGED_PACKAGES = (LOGGER_NAME, "capture", "fitting", "handmodel", "renderer", "export", "synthetic", "networks")
+
+
 def setup_logging(out_dir: str | Path | None, level: str = "INFO", console: bool = True) -> logging.Logger:
-    """Console + ``<out>/run.log`` handlers on the ``handrecon`` logger, replacing earlier ones
-    (so repeated runs in one process do not log twice)."""
-    logger = logging.getLogger(LOGGER_NAME)
+    """Console + ``<out>/run.log`` handlers on the project's loggers, replacing earlier ones
+    (so repeated runs in one process do not log twice). Returns the ``handrecon`` logger."""
     numeric = logging.getLevelName(str(level).upper())
     if not isinstance(numeric, int):
         raise ConfError(f"log.level must be one of DEBUG, INFO, WARNING, ERROR; got {level!r}")
-    logger.setLevel(numeric)
-    logger.propagate = False
-    for h in list(logger.handlers):
-        if getattr(h, "_handrecon", False):
-            logger.removeHandler(h)
-            h.close()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     handlers: list[logging.Handler] = []
     if console:
@@ -413,8 +411,30 @@ def setup_logging(out_dir: str | Path | None, level: str = "INFO", console: bool
     for h in handlers:
         h.setFormatter(fmt)
         h._handrecon = True  # type: ignore[attr-defined]
-        logger.addHandler(h)
-    return logger
+    reset_logging()
+    for name in LOGGED_PACKAGES:
+        logger = logging.getLogger(name)
+        logger.setLevel(numeric)
+        for h in handlers:
+            logger.addHandler(h)
+    return logging.getLogger(LOGGER_NAME)
+
+
+def reset_logging() -> None:
+    """Remove (and close) the handlers ``setup_logging`` added and reset the levels, so a run
+    inside a longer process (tests, notebooks) leaves logging as it found it. Records still
+    propagate to the root logger throughout, so an application's own handlers see them."""
+    closed: set[int] = set()
+    for name in LOGGED_PACKAGES:
+        logger = logging.getLogger(name)
+        ours = [h for h in logger.handlers if getattr(h, "_handrecon", False)]
+        for h in ours:
+            logger.removeHandler(h)
+            if id(h) not in closed:
+                h.close()
+                closed.add(id(h))
+        if ours:
+            logger.setLevel(logging.NOTSET)
 
 
 class _TqdmHandler(logging.StreamHandler):
@@ -493,5 +513,5 @@ def progress(
 __all__ = [
     "REGISTRY", "StageSpec", "register", "stage_specs", "run_pipeline", "checkpoint_path", "stage_hash",
     "load_checkpoint", "save_checkpoint", "setup_logging", "progress", "Progress", "set_progress_enabled",
-    "json_safe", "PeakMemory", "to_plain", "read_scan", "scan_identity", "weights_only_safe", "seed_everything",
+    "json_safe", "PeakMemory", "to_plain", "reset_logging", "read_scan", "scan_identity", "weights_only_safe", "seed_everything",
 ]

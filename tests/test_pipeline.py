@@ -94,10 +94,12 @@ def _same(a: State, b: State) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _tests_importable(monkeypatch):
+def _isolated(monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
     monkeypatch.delenv("HANDRECON_TEST_KILL", raising=False)
     monkeypatch.delenv("HANDRECON_TEST_CRASH", raising=False)
+    yield
+    P.reset_logging()  # leave no handlers or levels behind for other test files
 
 
 # ------------------------------------------------------------------------------------------ tests
@@ -278,8 +280,15 @@ def test_default_registry_names_the_real_stages():
 
 def test_peak_memory_sees_a_large_allocation(tmp_path: Path):
     def hungry(scan, state, conf):
-        a = np.ones(40 * 2**20 // 8)  # 40 MB, touched
-        state.metrics["pose_fit"] = {"sum": float(a.sum())}
+        import mmap
+
+        # 40 MB of fresh pages, touched (a malloc could reuse resident free heap and not grow RSS)
+        m = mmap.mmap(-1, 40 * 2**20)
+        a = np.frombuffer(m, dtype=np.uint8)
+        a[::4096] = 1
+        state.metrics["pose_fit"] = {"touched": int(a.sum())}
+        del a
+        m.close()
         return state
 
     def light(scan, state, conf):
@@ -297,7 +306,13 @@ def test_setup_logging_does_not_duplicate_handlers(tmp_path: Path):
     lg = P.setup_logging(tmp_path / "b", "DEBUG", console=False)
     assert sum(isinstance(h, logging.FileHandler) for h in lg.handlers) == 1
     lg.debug("hello")
+    logging.getLogger("capture.fmhr").warning("from a reader")  # project modules log by __name__
     assert "hello" in (tmp_path / "b" / "run.log").read_text()
+    assert "from a reader" in (tmp_path / "b" / "run.log").read_text()
+    assert logging.getLogger("capture.fmhr").propagate  # an application's / pytest's handlers still see it
+    P.reset_logging()
+    assert not [h for h in logging.getLogger("capture").handlers if getattr(h, "_handrecon", False)]
+    assert logging.getLogger("capture").level == logging.NOTSET
     assert "hello" not in (tmp_path / "a" / "run.log").read_text()
     from fitting.conf import ConfError
 
