@@ -196,3 +196,46 @@ def test_dead_key_check_can_fail(tmp_path: Path):
     modules = [_module_names(p) for p in _code_files()]
     assert not _is_read("hand_fit.zzz_never_read", modules)
     assert _is_read("hand_fit.iterations_full", modules)
+
+
+def _stage_conf_classes():
+    """(stage name, dataclass) for every registered stage whose module declares its keys as a
+    dataclass with ``from_conf`` (the stages' convention)."""
+    import dataclasses
+    import importlib
+
+    from fitting.pipeline import REGISTRY
+
+    out = []
+    for name, spec in REGISTRY.items():
+        if not isinstance(spec.target, str):
+            continue
+        module = importlib.import_module(spec.target.partition(":")[0])
+        for obj in vars(module).values():
+            if isinstance(obj, type) and dataclasses.is_dataclass(obj) and hasattr(obj, "from_conf") \
+                    and obj.__module__ == module.__name__:
+                out.append((name, obj))
+    return out
+
+
+def test_base_conf_holds_every_stage_key_with_the_stage_default():
+    """A key a stage reads but base.conf lacks could not be set at all (unknown key); a different
+    default would make base.conf lie about what a run does."""
+    import dataclasses
+
+    base = C.load_base()
+    classes = _stage_conf_classes()
+    assert {n for n, _ in classes} >= {"pose_fit", "hand_fit"}
+    problems = []
+    for stage, cls in classes:
+        for f in dataclasses.fields(cls):
+            key = f"{stage}.{f.name}"
+            if not C._has(base, key):
+                problems.append(f"{key} missing from base.conf")
+                continue
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            if C.to_plain(C._lookup(base, key)) != default:
+                problems.append(f"{key}: base.conf {C.to_plain(C._lookup(base, key))!r} != stage default {default!r}")
+        extra = set(base[stage]) - {f.name for f in dataclasses.fields(cls)}
+        problems += [f"{stage}.{k} in base.conf but not a field of {cls.__name__}" for k in sorted(extra)]
+    assert not problems, problems
