@@ -51,9 +51,6 @@ class Conf:
     def device(self) -> str:
         return str(self.tree["device"])
 
-    def get(self, key: str) -> Any:
-        return self.tree.get(key)
-
     def to_hocon(self) -> str:
         return HOCONConverter.to_hocon(self.tree)
 
@@ -64,7 +61,6 @@ def load_conf(
     overrides: Iterable[str] = (),
     *,
     base_path: str | Path = BASE_CONF,
-    resolve_device_now: bool = True,
 ) -> Conf:
     """Load ``path`` (which should ``include "base.conf"``), check it against the schema, apply
     ``--set`` style overrides, and resolve ``device``."""
@@ -80,8 +76,7 @@ def load_conf(
     overrides = list(overrides)
     for item in overrides:
         apply_override(merged, base, item)
-    if resolve_device_now:
-        merged.put("device", resolve_device(str(merged["device"])), append=False)
+    merged.put("device", resolve_device(str(merged["device"])), append=False)
     return Conf(tree=merged, path=path, name=path.stem, overrides=overrides)
 
 
@@ -220,7 +215,7 @@ def _coerce(value: Any, base_value: Any, key: str, source: str) -> Any:
     if base_value is None or value is None:
         return value
     bad = ConfError(
-        f"conf key '{key}'{' in ' + source if source else ''} must be a {_type_name(base_value)} like the default "
+        f"conf key '{key}'{' in ' + source if source else ''} must be of type {_type_name(base_value)} like the default "
         f"{json.dumps(base_value)}, got {value!r}"
     )
     if isinstance(base_value, bool):
@@ -302,7 +297,7 @@ def _parse_typed(raw: str, base_value: Any, key: str, item: str) -> Any:
         raise
     except Exception:
         raise ConfError(
-            f"{where}: '{raw}' is not a {_type_name(base_value)} (the type of the default "
+            f"{where}: '{raw}' is not of type {_type_name(base_value)} (the type of the default "
             f"{json.dumps(base_value)})"
         ) from None
 

@@ -68,7 +68,7 @@ def test_unknown_section_and_missing_include(tmp_path: Path):
 def test_values_are_typed_by_the_base(tmp_path: Path):
     inc = _include_base(tmp_path)
     bad = _write(tmp_path / "bad.conf", inc + 'hand_fit.iterations_full = "many"\n')
-    with pytest.raises(C.ConfError, match="must be a int"):
+    with pytest.raises(C.ConfError, match="must be of type int"):
         C.load_conf(bad)
     ok = _write(tmp_path / "ok.conf", inc + "hand_fit.lr_full = 1\ndata.scan_id = 7\n")
     tree = C.load_conf(ok).tree
@@ -102,7 +102,7 @@ def test_overrides_are_typed_and_checked():
     assert t["hand_fit"]["weights"]["shape_prior"] == 0.0
     with pytest.raises(C.ConfError, match="did you mean 'hand_fit.iterations_full'"):
         C.load_conf(C.BASE_CONF, ["hand_fit.iteration_full=5"])
-    with pytest.raises(C.ConfError, match="not a int"):
+    with pytest.raises(C.ConfError, match="is not of type int"):
         C.load_conf(C.BASE_CONF, ["hand_fit.iterations_full=5.5"])
     with pytest.raises(C.ConfError, match="key=value"):
         C.load_conf(C.BASE_CONF, ["hand_fit.iterations_full"])
@@ -239,3 +239,11 @@ def test_base_conf_holds_every_stage_key_with_the_stage_default():
         extra = set(base[stage]) - {f.name for f in dataclasses.fields(cls)}
         problems += [f"{stage}.{k} in base.conf but not a field of {cls.__name__}" for k in sorted(extra)]
     assert not problems, problems
+
+
+def test_resolved_conf_reloads_to_the_same_tree(tmp_path: Path):
+    """fit.py saves conf.resolved.conf beside the outputs; it must reproduce the run's conf."""
+    conf = C.load_conf(C.CONF_DIR / "demo_sfs.conf", ["hand_fit.lr_full=0.003", "pipeline.stages=[pose_fit]"])
+    saved = _write(tmp_path / "resolved.conf", conf.to_hocon())
+    again = C.load_conf(saved)
+    assert C.to_plain(again.tree) == C.to_plain(conf.tree)
