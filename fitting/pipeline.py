@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from export.atomic import atomic_path, write_text
 from fitting.conf import UNHASHED_KEYS, ConfError, conf_hash, to_plain
 from fitting.state import State
 
@@ -98,29 +99,12 @@ def stage_hash(tree: Mapping[str, Any], spec: StageSpec, identity: Mapping[str, 
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    """torch.save into a temporary file, fsync, then one os.replace: a kill leaves no torn file."""
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def weights_only_safe(value: Any, where: str = "state") -> Any:
@@ -152,7 +136,7 @@ def save_checkpoint(path: Path, state: State, name: str, digest: str) -> None:
                "state": weights_only_safe(state.to_dict())}
     atomic_torch_save(payload, path)
     metrics = json_safe(state.metrics.get(name, {}))
-    atomic_write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", path.with_suffix(".json"))
+    write_text(path.with_suffix(".json"), json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
 
 def load_checkpoint(path: Path, digest: str) -> State | None:
