@@ -71,7 +71,9 @@ def register(name: str, target: str | StageFn, conf_sections: Iterable[str] = ()
 
 
 register("pose_fit", "fitting.pose_fit:run", ("data",))
+register("init", "fitting.init_gcn:run", ("data", "hand_model"))
 register("hand_fit", "fitting.hand_fit:run", ("data", "hand_model"))
+register("silhouette_fit", "fitting.silhouette_fit:run", ("data", "hand_model", "hand_fit", "masks", "renderer"))
 
 
 def stage_specs(names: Iterable[str], registry: Mapping[str, StageSpec] | None = None) -> list[StageSpec]:

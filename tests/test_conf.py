@@ -198,23 +198,31 @@ def test_dead_key_check_can_fail(tmp_path: Path):
     assert _is_read("hand_fit.iterations_full", modules)
 
 
+# Where each stage-side conf dataclass reads its keys: (module, class) -> base.conf section.
+CONF_CLASSES = {
+    ("fitting.pose_fit", "PoseFitConf"): "pose_fit",
+    ("fitting.hand_fit", "HandFitConf"): "hand_fit",
+    ("fitting.init_gcn", "InitConf"): "init",
+    ("fitting.silhouette_fit", "SilhouetteFitConf"): "silhouette_fit",
+    ("fitting.masks", "MaskConf"): "masks",
+}
+
+
 def _stage_conf_classes():
-    """(stage name, dataclass) for every registered stage whose module declares its keys as a
-    dataclass with ``from_conf`` (the stages' convention)."""
+    """(section, dataclass) for every conf dataclass (one with ``from_conf``) in fitting/; a new
+    one must be added to CONF_CLASSES, so its keys get checked against base.conf."""
     import dataclasses
     import importlib
 
-    from fitting.pipeline import REGISTRY
-
     out = []
-    for name, spec in REGISTRY.items():
-        if not isinstance(spec.target, str):
-            continue
-        module = importlib.import_module(spec.target.partition(":")[0])
+    for path in sorted((C.REPO_ROOT / "fitting").glob("*.py")):
+        module = importlib.import_module(f"fitting.{path.stem}")
         for obj in vars(module).values():
             if isinstance(obj, type) and dataclasses.is_dataclass(obj) and hasattr(obj, "from_conf") \
                     and obj.__module__ == module.__name__:
-                out.append((name, obj))
+                key = (module.__name__, obj.__name__)
+                assert key in CONF_CLASSES, f"{key} reads conf keys: add it to CONF_CLASSES with its section"
+                out.append((CONF_CLASSES[key], obj))
     return out
 
 
@@ -226,6 +234,10 @@ def test_base_conf_holds_every_stage_key_with_the_stage_default():
     base = C.load_base()
     classes = _stage_conf_classes()
     assert {n for n, _ in classes} >= {"pose_fit", "hand_fit"}
+    stage_sections = {s for s, _ in classes} - {"masks"}
+    from fitting.pipeline import REGISTRY
+
+    assert stage_sections <= set(REGISTRY), "a stage with conf keys is missing from the pipeline registry"
     problems = []
     for stage, cls in classes:
         for f in dataclasses.fields(cls):
