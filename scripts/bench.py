@@ -255,6 +255,73 @@ def _print_row(backend: str, views: int, res: tuple[int, int], faces: int, t: Op
           f"{ms(t.total):9.1f}{t.peak_mb:9.1f}  {verdict}", flush=True)
 
 
+# ----------------------------------------------------------------------------- gcn
+
+
+def bench_gcn(args: argparse.Namespace) -> int:
+    """GCN predictor: ms per hand (network alone and the whole prediction: normalisation, IK,
+    network, parameters, translation), parameters, multiply-adds (analytic) and FLOPs (torch's
+    flop counter), per branch and batch size. Target: whole 3D/2D prediction <= 5 ms at batch 1."""
+    import handmodel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from networks.predictor import GCNPredictor
+    from networks.synthetic_pairs import PairSampler
+
+    torch.set_num_threads(args.threads)
+    pred = GCNPredictor.load()
+    sampler = PairSampler(handmodel.load("builtin", "right"), 99)
+    target_ms, failed = 5.0, False
+    print(f"{'branch':6s}{'batch':>6s}{'net ms/hand':>13s}{'total ms/hand':>15s}{'params':>10s}{'GMAC/hand':>11s}{'GFLOP/hand':>12s}  target")
+    for branch in ("3d", "2d"):
+        net = pred.nets[branch]
+        n_params = sum(p.numel() for p in net.parameters())
+        for batch in [int(b) for b in args.batches.split(",")]:
+            if branch == "3d":
+                h = sampler.hands(batch)
+                kp = h["joints"] @ h["R"].transpose(1, 2)
+                full = lambda: pred.predict_3d(kp, torch.ones(batch, 21), "right")  # noqa: E731
+                pair = sampler.batch_3d(batch, noise_mm=(0.0, 0.0), miss_fraction=0.0)
+            else:
+                pair, truth = sampler.batch_2d(batch, mode="scene", noise_px=(3.0, 3.0), miss_fraction=0.0)
+                full = lambda: pred.predict_2d(truth["uv"], torch.ones(batch, 21), truth["K"], "right")  # noqa: E731
+            with torch.inference_mode():
+                net_only = lambda: net(pair.x, pair.vis, pair.extra)  # noqa: E731
+                t_net = _best_of(net_only, args.repeat, args.warmup) / batch
+                t_full = _best_of(full, args.repeat, args.warmup) / batch
+                with FlopCounterMode(display=False) as fc:
+                    net(pair.x[:1], pair.vis[:1], pair.extra[:1])
+            gflop = fc.get_total_flops() / 1e9
+            gmac = net.macs(1) / 1e9
+            ok = t_full * 1000 <= target_ms if batch == 1 else None
+            failed |= ok is False
+            verdict = "" if ok is None else ("ok" if ok else "FAIL") + f" (<= {target_ms:.0f} ms)"
+            print(f"{branch:6s}{batch:6d}{t_net * 1000:13.2f}{t_full * 1000:15.2f}{n_params:10d}{gmac:11.4f}{gflop:12.4f}  {verdict}", flush=True)
+    return 1 if (failed and args.strict) else 0
+
+
+def _best_of(fn: Callable[[], object], repeat: int, warmup: int) -> float:
+    """Best wall time (s) of ``repeat`` runs after ``warmup`` untimed ones (CPU: no sync needed)."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _add_gcn(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gcn", help="GCN predictor: CPU ms per hand, parameters, GFLOPs")
+    p.add_argument("--batches", default="1,64", help="comma list of batch sizes")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--repeat", type=int, default=20, help="timed runs (best is shown)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs first")
+    p.add_argument("--strict", action="store_true", help="exit 1 when the batch-1 target fails")
+    p.set_defaults(func=bench_gcn)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -271,7 +338,7 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=bench_render)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_render]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_render, _add_gcn]
 
 
 def main(argv: list[str] | None = None) -> int:
