@@ -12,7 +12,8 @@ Layout of ``<out>``::
     hand_params.json / .npz         fitted hand parameters per side
     hand_<side>.obj / .ply          fitted hand meshes (output.mesh_formats)
     hands.<output.scene_format>     both hands in one scene
-    images/<stage>/overlay_<view>.png  detections vs fitted joints (output.overlays)
+    images/<stage>/overlay_<view>.png  detections vs fitted joints (output.overlays): pose_fit's
+                                    keypoints, and the hand model's joints of the last stage
     report.html                     (output.report)
 """
 from __future__ import annotations
@@ -111,12 +112,14 @@ def export_hands(ctx: ExportContext) -> list[ReportSection]:
     scene = {s: SceneMesh(m["vertices"], m["faces"]) for s, m in ctx.hand_meshes.items()}
     ctx.files.append(write_scene(ctx.out_dir / f"hands.{out['scene_format']}", scene))
     if out["overlays"]:
+        # the parameters are those of the last stage that ran (hand_fit, or a refinement after it)
+        stage = next(reversed(st.metrics), "hand_fit") if st.metrics else "hand_fit"
         joints = {s: m["joints"] for s, m in ctx.hand_meshes.items()}
         paths = write_overlays(
-            ctx.scan, ctx.out_dir / "images" / "hand_fit", joints,
-            assignment=st.assignment or None, accepted=st.accepted or None, title="hand_fit",
+            ctx.scan, ctx.out_dir / "images" / stage, joints,
+            assignment=st.assignment or None, accepted=st.accepted or None, title=stage,
         )
-        ctx.images.setdefault("hand_fit", []).extend(paths)
+        ctx.images.setdefault(stage, []).extend(paths)
         ctx.files += paths
     return []
 
