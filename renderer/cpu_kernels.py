@@ -75,6 +75,23 @@ def plan_units(n_views: int, height: int, n_threads: int) -> int:
 
 
 @nb.njit(inline="always")
+def _pixel_box(xmin, xmax, ymin, ymax, height, width):
+    """Pixels whose centres j + 0.5 may lie in [xmin, xmax] x [ymin, ymax] (1e-4 px margin)."""
+    eps = 1e-4
+    fx0 = max(-1.0, min(float(width) + 1.0, xmin - 0.5 - eps))
+    fx1 = max(-1.0, min(float(width) + 1.0, xmax - 0.5 + eps))
+    fy0 = max(-1.0, min(float(height) + 1.0, ymin - 0.5 - eps))
+    fy1 = max(-1.0, min(float(height) + 1.0, ymax - 0.5 + eps))
+    x0 = max(0, int(np.ceil(fx0)))
+    x1 = min(width - 1, int(np.floor(fx1)))
+    y0 = max(0, int(np.ceil(fy0)))
+    y1 = min(height - 1, int(np.floor(fy1)))
+    if x0 > x1 or y0 > y1:
+        return 1, 0, 1, 0
+    return x0, x1, y0, y1
+
+
+@nb.njit(inline="always")
 def _bbox_one(pos, v, i0, i1, i2, height, width):
     """Pixel box (x0, x1, y0, y1) of one triangle in one view after near-plane clipping.
 
@@ -132,45 +149,62 @@ def _bbox_one(pos, v, i0, i1, i2, height, width):
                     full = True
         if full:
             xmin, xmax, ymin, ymax = 0.0, float(width), 0.0, float(height)
-    eps = 1e-4
-    # Pixel centres j + 0.5 inside [xmin, xmax], clamped to the image.
-    fx0 = max(-1.0, min(float(width) + 1.0, xmin - 0.5 - eps))
-    fx1 = max(-1.0, min(float(width) + 1.0, xmax - 0.5 + eps))
-    fy0 = max(-1.0, min(float(height) + 1.0, ymin - 0.5 - eps))
-    fy1 = max(-1.0, min(float(height) + 1.0, ymax - 0.5 + eps))
-    x0 = max(0, int(np.ceil(fx0)))
-    x1 = min(width - 1, int(np.floor(fx1)))
-    y0 = max(0, int(np.ceil(fy0)))
-    y1 = min(height - 1, int(np.floor(fy1)))
-    if x0 > x1 or y0 > y1:
-        return 1, 0, 1, 0
-    return x0, x1, y0, y1
+    return _pixel_box(xmin, xmax, ymin, ymax, height, width)
+
+
+# Outcode bits of a clip-space vertex.
+_OUT_XY = 15  # x > w, x < -w, y > w, y < -w
+_OUT_FAR = 16  # z > w
+_OUT_NEAR = 32  # z < -w
+_OUT_WNEG = 64  # w <= 0
+_OUT_BAD = 128  # not finite
 
 
 @nb.njit(parallel=True, **_OPTS)
-def tri_bboxes(pos, tri, height, width, out):
-    """Pixel boxes of every (view, triangle), for the banded raster (one setup per triangle)."""
-    V = pos.shape[0]
-    F = tri.shape[0]
-    chunk = 4096
-    nchunk = (F + chunk - 1) // chunk
+def vertex_setup(pos, height, width, sxy, code):
+    """Per (view, vertex): pixel coordinates (where w > 0) and clip outcodes, so that each
+    triangle's culling and pixel box take three lookups instead of three projections."""
+    V, N = pos.shape[0], pos.shape[1]
+    hw = 0.5 * width
+    hh = 0.5 * height
+    chunk = 8192
+    nchunk = (N + chunk - 1) // chunk
     for job in nb.prange(V * nchunk):
         v = job // nchunk
-        f0 = (job % nchunk) * chunk
-        for f in range(f0, min(F, f0 + chunk)):
-            x0, x1, y0, y1 = _bbox_one(pos, v, tri[f, 0], tri[f, 1], tri[f, 2], height, width)
-            out[v, f, 0] = x0
-            out[v, f, 1] = x1
-            out[v, f, 2] = y0
-            out[v, f, 3] = y1
+        i0 = (job % nchunk) * chunk
+        for i in range(i0, min(N, i0 + chunk)):
+            X, Y, Z, Wc = _load(pos, v, i)
+            c = 0
+            if not np.isfinite(X + Y + Z + Wc):
+                c = _OUT_BAD
+            else:
+                if X > Wc:
+                    c |= 1
+                if X < -Wc:
+                    c |= 2
+                if Y > Wc:
+                    c |= 4
+                if Y < -Wc:
+                    c |= 8
+                if Z > Wc:
+                    c |= _OUT_FAR
+                if Z < -Wc:
+                    c |= _OUT_NEAR
+                if Wc <= 0.0:
+                    c |= _OUT_WNEG
+            code[v, i] = c
+            if c & (_OUT_BAD | _OUT_WNEG):
+                sxy[v, i, 0] = 0.0
+                sxy[v, i, 1] = 0.0
+            else:
+                sxy[v, i, 0] = (X / Wc + 1.0) * hw
+                sxy[v, i, 1] = (Y / Wc + 1.0) * hh
 
 
 @nb.njit(parallel=True, **_OPTS)
-def raster_fwd(pos, tri, bbox, nband, rast, rast_db):
-    """Z-buffered visibility per (view, band), then (u, v, z/w, id + 1) and d(u, v)/d(X, Y).
-
-    With one band per view the boxes are computed inline (bbox unused), else read from bbox.
-    """
+def raster_fwd(pos, tri, sxy, code, nband, rast, rast_db):
+    """Z-buffered visibility per (view, band of rows), writing (u, v, z/w, id + 1) and
+    d(u, v)/d(X, Y) whenever a fragment wins the depth test (sxy, code from vertex_setup)."""
     V, H, W = rast.shape[0], rast.shape[1], rast.shape[2]
     F = tri.shape[0]
     rows = (H + nband - 1) // nband
@@ -185,13 +219,23 @@ def raster_fwd(pos, tri, bbox, nband, rast, rast_db):
         if r0 >= r1:
             continue
         zb = np.full((r1 - r0, W), np.inf)
-        tb = np.zeros((r1 - r0, W), np.int32)
+        for y in range(r0, r1):
+            for x in range(W):
+                for c in range(4):
+                    rast[v, y, x, c] = 0.0
+                    rast_db[v, y, x, c] = 0.0
         for f in range(F):
             i0, i1, i2 = tri[f, 0], tri[f, 1], tri[f, 2]
-            if nband == 1:
+            k0, k1, k2 = code[v, i0], code[v, i1], code[v, i2]
+            if (k0 & k1 & k2) & 63 or (k0 | k1 | k2) & _OUT_BAD or i0 == i1 or i1 == i2 or i0 == i2:
+                continue
+            if (k0 | k1 | k2) & (_OUT_NEAR | _OUT_WNEG):
                 bx0, bx1, by0, by1 = _bbox_one(pos, v, i0, i1, i2, H, W)
             else:
-                bx0, bx1, by0, by1 = int(bbox[v, f, 0]), int(bbox[v, f, 1]), int(bbox[v, f, 2]), int(bbox[v, f, 3])
+                sx0, sx1, sx2 = sxy[v, i0, 0], sxy[v, i1, 0], sxy[v, i2, 0]
+                sy0, sy1, sy2 = sxy[v, i0, 1], sxy[v, i1, 1], sxy[v, i2, 1]
+                bx0, bx1, by0, by1 = _pixel_box(min(sx0, min(sx1, sx2)), max(sx0, max(sx1, sx2)),
+                                                min(sy0, min(sy1, sy2)), max(sy0, max(sy1, sy2)), H, W)
             if bx0 > bx1:
                 continue
             by0 = max(by0, r0)
@@ -207,6 +251,12 @@ def raster_fwd(pos, tri, bbox, nband, rast, rast_db):
             if det < 0.0:
                 c0, ax0, ay0, c1, ax1, ay1, c2, ax2, ay2, det = -c0, -ax0, -ay0, -c1, -ax1, -ay1, -c2, -ax2, -ay2, -det
             idet = 1.0 / det
+            sx = ax0 + ax1 + ax2
+            sy = ay0 + ay1 + ay2
+            # Top-left rule per edge, decided once; the pixel test below is branch-free.
+            tl0 = _inside(0.0, ax0, ay0)
+            tl1 = _inside(0.0, ax1, ay1)
+            tl2 = _inside(0.0, ax2, ay2)
             for y in range(by0, by1 + 1):
                 yn = y * ys + yo
                 e0r = c0 + ay0 * yn
@@ -215,52 +265,27 @@ def raster_fwd(pos, tri, bbox, nband, rast, rast_db):
                 for x in range(bx0, bx1 + 1):
                     xn = x * xs + xo
                     e0 = e0r + ax0 * xn
-                    if not _inside(e0, ax0, ay0):
-                        continue
                     e1 = e1r + ax1 * xn
-                    if not _inside(e1, ax1, ay1):
-                        continue
                     e2 = e2r + ax2 * xn
-                    if not _inside(e2, ax2, ay2):
+                    inside = ((e0 > 0.0) | ((e0 == 0.0) & tl0)) & ((e1 > 0.0) | ((e1 == 0.0) & tl1)) & \
+                        ((e2 > 0.0) | ((e2 == 0.0) & tl2))
+                    if not inside:
                         continue
                     z = (e0 * Z0 + e1 * Z1 + e2 * Z2) * idet
-                    if z < -1.0 or z > 1.0:
+                    if z < -1.0 or z > 1.0 or not z < zb[y - r0, x]:
                         continue
-                    if z < zb[y - r0, x]:
-                        zb[y - r0, x] = z
-                        tb[y - r0, x] = f + 1
-        # Resolve: barycentrics and their screen derivatives of the visible triangle.
-        for y in range(r0, r1):
-            yn = y * ys + yo
-            for x in range(W):
-                t = tb[y - r0, x]
-                if t == 0:
-                    for c in range(4):
-                        rast[v, y, x, c] = 0.0
-                        rast_db[v, y, x, c] = 0.0
-                    continue
-                f = t - 1
-                X0, Y0, Z0, W0 = _load(pos, v, tri[f, 0])
-                X1, Y1, Z1, W1 = _load(pos, v, tri[f, 1])
-                X2, Y2, Z2, W2 = _load(pos, v, tri[f, 2])
-                c0, ax0, ay0, c1, ax1, ay1, c2, ax2, ay2, det = _edge_coeffs(X0, Y0, W0, X1, Y1, W1, X2, Y2, W2)
-                xn = x * xs + xo
-                e0 = c0 + ax0 * xn + ay0 * yn
-                e1 = c1 + ax1 * xn + ay1 * yn
-                e2 = c2 + ax2 * xn + ay2 * yn
-                et = e0 + e1 + e2
-                b0 = e0 / et
-                b1 = e1 / et
-                rast[v, y, x, 0] = b0
-                rast[v, y, x, 1] = b1
-                rast[v, y, x, 2] = zb[y - r0, x]
-                rast[v, y, x, 3] = t
-                sx = ax0 + ax1 + ax2
-                sy = ay0 + ay1 + ay2
-                rast_db[v, y, x, 0] = xs * (ax0 - b0 * sx) / et
-                rast_db[v, y, x, 1] = ys * (ay0 - b0 * sy) / et
-                rast_db[v, y, x, 2] = xs * (ax1 - b1 * sx) / et
-                rast_db[v, y, x, 3] = ys * (ay1 - b1 * sy) / et
+                    zb[y - r0, x] = z
+                    iet = 1.0 / (e0 + e1 + e2)
+                    b0 = e0 * iet
+                    b1 = e1 * iet
+                    rast[v, y, x, 0] = b0
+                    rast[v, y, x, 1] = b1
+                    rast[v, y, x, 2] = z
+                    rast[v, y, x, 3] = f + 1
+                    rast_db[v, y, x, 0] = xs * (ax0 - b0 * sx) * iet
+                    rast_db[v, y, x, 1] = ys * (ay0 - b0 * sy) * iet
+                    rast_db[v, y, x, 2] = xs * (ax1 - b1 * sx) * iet
+                    rast_db[v, y, x, 3] = ys * (ay1 - b1 * sy) * iet
 
 
 @nb.njit(parallel=True, **_OPTS)
@@ -557,12 +582,41 @@ def _to_px(pos, v, i, hw, hh, cx, cy):
     return X / Wc * hw + hw - cx, Y / Wc * hh + hh - cy
 
 
+@nb.njit(inline="always")
+def _silhouette_flags(pos, v, tri, opp, f, hw, hh):
+    """Bit k set iff edge k of triangle f may be a silhouette in view v: no neighbour, or the
+    wing test says the neighbour folds back (degenerate or behind-camera cases count too)."""
+    i0, i1, i2 = tri[f, 0], tri[f, 1], tri[f, 2]
+    if pos[v, i0, 3] <= 0.0 or pos[v, i1, 3] <= 0.0 or pos[v, i2, 3] <= 0.0:
+        return 7
+    x0, y0 = _to_px(pos, v, i0, hw, hh, 0.0, 0.0)
+    x1, y1 = _to_px(pos, v, i1, hw, hh, 0.0, 0.0)
+    x2, y2 = _to_px(pos, v, i2, hw, hh, 0.0, 0.0)
+    bb = (x1 - x0) * (y2 - y0) - (x2 - x0) * (y1 - y0)
+    fl = 0
+    for k in range(3):
+        o = opp[f, k]
+        if o < 0 or pos[v, o, 3] <= 0.0:
+            fl |= 1 << k
+            continue
+        ox, oy = _to_px(pos, v, o, hw, hh, 0.0, 0.0)
+        if k == 0:
+            wing = (x1 - ox) * (y2 - oy) - (x2 - ox) * (y1 - oy)
+        elif k == 1:
+            wing = (x2 - ox) * (y0 - oy) - (x0 - ox) * (y2 - oy)
+        else:
+            wing = (x0 - ox) * (y1 - oy) - (x1 - ox) * (y0 - oy)
+        if _same_sign(wing, bb) or abs(wing) < 1e-6 or abs(bb) < 1e-6:
+            fl |= 1 << k
+    return fl
+
+
 @nb.njit(parallel=True, **_OPTS)
-def aa_analyze(pos, tri, opp, rast, alpha, info, row_count):
+def aa_analyze(pos, tri, opp, flags, rast, alpha, info, row_count):
     """For each pixel pair (right: d=0, down: d=1) with different triangle ids, decide whether a
     silhouette edge of the front triangle crosses the segment between the pixel centres, and
     store the blend weight alpha (0: no blend), info = edge | (other-pixel-chosen << 2), and
-    the number of blends per (view, row).
+    the number of blends per (view, row). flags (V, F) uint8 starts at 255 (unknown).
 
     As nvdiffrast: of the front triangle's edges crossing the line through both centres the
     farthest crossing is taken; it blends only if that edge is a silhouette (no neighbour, or
@@ -598,6 +652,14 @@ def aa_analyze(pos, tri, opp, rast, alpha, info, row_count):
                 if t <= 0 or t > F:
                     continue
                 f = t - 1
+                # Most pairs lie inside the surface: skip triangles without a candidate edge
+                # (memoised per view and triangle; concurrent writers store the same byte).
+                fl = flags[v, f]
+                if fl == 255:
+                    fl = _silhouette_flags(pos, v, tri, opp, f, hw, hh)
+                    flags[v, f] = fl
+                if fl == 0:
+                    continue
                 cx = (qx if use1 else x) + 0.5
                 cy = (qy if use1 else y) + 0.5
                 ds = -1.0 if use1 else 1.0

@@ -110,14 +110,14 @@ class _RasterizeCPU(torch.autograd.Function):
         dtype = _float_dtype(pos)
         p = _np(pos, dtype)
         t = _tri_np(tri, p.shape[1])
-        V, F = p.shape[0], t.shape[0]
+        V = p.shape[0]
         nband = K.plan_units(V, H, _threads())
-        bbox = np.empty((V, F, 4) if nband > 1 else (1, 1, 4), np.int16)
-        if nband > 1:
-            K.tri_bboxes(p, t, H, W, bbox)
+        sxy = np.empty((V, p.shape[1], 2), np.float64)
+        code = np.empty((V, p.shape[1]), np.uint8)
+        K.vertex_setup(p, H, W, sxy, code)
         rast = np.empty((V, H, W, 4), p.dtype)
         rast_db = np.empty((V, H, W, 4), p.dtype)
-        K.raster_fwd(p, t, bbox, nband, rast, rast_db)
+        K.raster_fwd(p, t, sxy, code, nband, rast, rast_db)
         ctx.saved = (p, t, rast, nband, grad_db)
         ctx.pos_dtype = pos.dtype
         out = torch.from_numpy(rast).to(pos.device)
@@ -167,8 +167,6 @@ def rasterize(
         raise RendererError("the cpu backend supports instanced mode only: pass pos (V, N, 4) and ranges=None")
     if pos.ndim != 3 or pos.shape[2] != 4:
         raise RendererError(f"pos must have shape (V, N, 4) clip coordinates, got {tuple(pos.shape)}")
-    if H > 32767 or W > 32767:
-        raise RendererError(f"resolution {H}x{W} too large for the cpu backend (max 32767)")
     with _threads_for(pos.shape[0] * H * W):
         return _RasterizeCPU.apply(pos, tri, (H, W), bool(grad_db))
 
@@ -421,7 +419,8 @@ class _AntialiasCPU(torch.autograd.Function):
         alpha = np.empty((V, H, W, 2), c.dtype)
         info = np.empty((V, H, W, 2), np.int8)
         row_count = np.empty(V * H, np.int64)
-        K.aa_analyze(p, t, opp, r, alpha, info, row_count)
+        flags = np.full((V, t.shape[0]), 255, np.uint8)
+        K.aa_analyze(p, t, opp, flags, r, alpha, info, row_count)
         items, alphas, infos = K.aa_compact(alpha, info, row_count)
         out = c.copy()
         K.aa_apply(c, items, alphas, H, W, out)

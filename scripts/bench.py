@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+import tracemalloc
 from dataclasses import dataclass
 from typing import Callable
 
@@ -114,6 +115,7 @@ class OpTimes:
     total: float
     coverage: float
     peak_mb: float
+    traced_mb: float
 
 
 def _sync(device: torch.device) -> None:
@@ -133,6 +135,12 @@ def _reset_peak(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device) / 2**20
+    try:  # give freed heap pages back first, so that the next run's growth shows in RSS
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:  # Linux: writing 5 to clear_refs resets VmHWM (peak RSS) to the current RSS.
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -161,10 +169,17 @@ def _peak_mb(device: torch.device, base: float) -> float:
 
 
 def run_once(ctx, pos: torch.Tensor, tri: torch.Tensor, attr: torch.Tensor, res: tuple[int, int],
-             topo) -> OpTimes:
-    """One forward + backward, each op timed on its own (graph cut at op boundaries)."""
+             topo, memory: bool = False) -> OpTimes:
+    """One forward + backward, each op timed on its own (graph cut at op boundaries).
+
+    Peak memory (memory=True, for an untimed run): CUDA allocator peak on GPU; on CPU the RSS
+    high-water mark above the RSS at the start (heap trimmed, VmHWM reset through
+    /proc/self/clear_refs) and tracemalloc's peak (numpy buffers: the kernels' outputs).
+    """
     dev = pos.device
     base = _reset_peak(dev)
+    if memory and dev.type == "cpu":
+        tracemalloc.start()
     p = pos.detach().requires_grad_(True)
     a = attr.detach().requires_grad_(True)
     t_all = time.perf_counter()
@@ -181,8 +196,13 @@ def run_once(ctx, pos: torch.Tensor, tri: torch.Tensor, attr: torch.Tensor, res:
     _sync(dev)
     total = time.perf_counter() - t_all
     coverage = float((rast[..., 3] > 0).float().mean())
+    traced = 0.0
+    if tracemalloc.is_tracing():
+        traced = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
     return OpTimes({"rasterize": t_r, "interpolate": t_i, "antialias": t_a},
-                   {"rasterize": b_r, "interpolate": b_i, "antialias": b_a}, total, coverage, _peak_mb(dev, base))
+                   {"rasterize": b_r, "interpolate": b_i, "antialias": b_a}, total, coverage,
+                   _peak_mb(dev, base), traced)
 
 
 def bench_render(args: argparse.Namespace) -> int:
@@ -213,6 +233,8 @@ def bench_render(args: argparse.Namespace) -> int:
                     run_once(ctx, pos, tri, attr, res, topo)
                 runs = [run_once(ctx, pos, tri, attr, res, topo) for _ in range(args.repeat)]
                 best = min(runs, key=lambda r: r.total)
+                mem = run_once(ctx, pos, tri, attr, res, topo, memory=True)  # untimed: tracing is slow
+                best.peak_mb, best.traced_mb = mem.peak_mb, mem.traced_mb
                 rows.append((backend, views, res, len(faces), best))
                 target = TARGETS.get((backend, views, res, n_faces))
                 _print_row(backend, views, res, len(faces), best, target)
@@ -243,7 +265,7 @@ def _print_row(backend: str, views: int, res: tuple[int, int], faces: int, t: Op
     global _HEADER_DONE
     if not _HEADER_DONE:
         print(f"{'backend':<11}{'views':>6}{'WxH':>11}{'faces':>9}{'cover':>7} | "
-              f"{'rast f/b ms':>14}{'interp f/b ms':>15}{'aa f/b ms':>14} | {'total ms':>9}{'peak MB':>9}  target")
+              f"{'rast f/b ms':>14}{'interp f/b ms':>15}{'aa f/b ms':>14} | {'total ms':>9}{'peak MB':>9}{'numpy MB':>9}  target")
         _HEADER_DONE = True
     ms = lambda x: 1000 * x  # noqa: E731
     cell = lambda op: f"{ms(t.fwd[op]):6.1f}/{ms(t.bwd[op]):<6.1f}"  # noqa: E731
@@ -252,7 +274,7 @@ def _print_row(backend: str, views: int, res: tuple[int, int], faces: int, t: Op
         verdict = f"{'PASS' if t.total <= target else 'FAIL'} (<= {ms(target):g} ms)"
     print(f"{backend:<11}{views:>6}{res[1]:>6}x{res[0]:<4}{faces:>9}{t.coverage:>7.2f} | "
           f"{cell('rasterize'):>14}{cell('interpolate'):>15}{cell('antialias'):>14} | "
-          f"{ms(t.total):9.1f}{t.peak_mb:9.1f}  {verdict}", flush=True)
+          f"{ms(t.total):9.1f}{t.peak_mb:9.1f}{t.traced_mb:9.1f}  {verdict}", flush=True)
 
 
 # ----------------------------------------------------------------------------- gcn
