@@ -9,8 +9,10 @@ from renderer.ops import (
     TopologyHash,
     antialias,
     antialias_construct_topology_hash,
+    get_num_threads,
     interpolate,
     rasterize,
+    set_num_threads,
     texture,
 )
 from renderer.shading import RenderResult, render_mesh
@@ -22,9 +24,11 @@ __all__ = [
     "TopologyHash",
     "antialias",
     "antialias_construct_topology_hash",
+    "get_num_threads",
     "interpolate",
     "make_context",
     "rasterize",
     "render_mesh",
+    "set_num_threads",
     "texture",
 ]

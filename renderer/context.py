@@ -1,4 +1,4 @@
-"""Render context: which backend runs the rasterizer, chosen once and passed around explicitly."""
+"""Render context: which backend runs the ops, chosen once and passed around explicitly."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -17,35 +17,57 @@ class RendererError(ValueError):
 
 @dataclass
 class RenderContext:
-    """Backend choice plus the backend's own state (nvdiffrast's RasterizeCudaContext)."""
+    """The requested backend plus nvdiffrast's per-device RasterizeCudaContext, made on first use.
 
-    backend: str
+    'auto' decides per call from the tensors: nvdiffrast for CUDA tensors when it imports, the
+    cpu backend otherwise. 'cpu' accepts tensors on any device (visibility runs on the host and
+    results come back to the tensors' device); 'nvdiffrast' needs CUDA tensors.
+    """
+
+    requested: str
     device: torch.device
-    raw: Any = field(default=None, repr=False)
+    _raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def backend_for(self, t: torch.Tensor) -> str:
+        """Concrete backend ('cpu' or 'nvdiffrast') for an op on tensor t."""
+        if self.requested == "auto":
+            return "nvdiffrast" if t.is_cuda and nvdr.available() else "cpu"
+        if self.requested == "nvdiffrast" and not t.is_cuda:
+            raise RendererError(f"backend 'nvdiffrast' needs CUDA tensors, got a tensor on '{t.device}'")
+        return self.requested
 
     @property
-    def is_cpu(self) -> bool:
-        return self.backend == "cpu"
+    def backend(self) -> str:
+        """Concrete backend for tensors on this context's device."""
+        if self.requested == "auto":
+            return "nvdiffrast" if self.device.type == "cuda" and nvdr.available() else "cpu"
+        return self.requested
+
+    def raw(self, device: torch.device) -> Any:
+        """nvdiffrast's RasterizeCudaContext for a CUDA device (one per device, reused)."""
+        key = str(device)
+        if key not in self._raw:
+            dr = nvdr.load()
+            if dr is None:
+                raise RendererError(f"nvdiffrast cannot be used: {nvdr.why_unavailable()}")
+            self._raw[key] = dr.RasterizeCudaContext(device=device)
+        return self._raw[key]
 
 
 def make_context(backend: str = "auto", device: str | torch.device | None = None) -> RenderContext:
-    """Create a context. 'auto' = nvdiffrast when the device is CUDA and nvdiffrast imports, else cpu.
+    """Create a context; 'auto' = nvdiffrast for CUDA tensors when it imports, else cpu.
 
-    The cpu backend accepts tensors on any device (visibility runs on the host, the result comes
-    back to the tensors' device); the nvdiffrast backend needs CUDA tensors.
+    'nvdiffrast' is checked here (CUDA present, nvdiffrast imports) so a missing install fails
+    at setup, not in the middle of a fit.
     """
     if backend not in BACKENDS:
         raise RendererError(f"unknown renderer backend '{backend}', expected one of {BACKENDS}")
     if device is None:
-        device = "cuda" if (backend == "nvdiffrast" or (backend == "auto" and torch.cuda.is_available())) else "cpu"
+        device = "cuda" if (backend != "cpu" and torch.cuda.is_available()) else "cpu"
     device = torch.device(device)
-    if backend == "auto":
-        backend = "nvdiffrast" if device.type == "cuda" and nvdr.available() else "cpu"
     if backend == "nvdiffrast":
         if device.type != "cuda":
             raise RendererError(f"backend 'nvdiffrast' needs a CUDA device, got '{device}'")
-        dr = nvdr.load()
-        if dr is None:
+        if not nvdr.available():
             raise RendererError(f"backend 'nvdiffrast' requested but it cannot be used: {nvdr.why_unavailable()}")
-        return RenderContext("nvdiffrast", device, dr.RasterizeCudaContext(device=device))
-    return RenderContext("cpu", device)
+    return RenderContext(backend, device)

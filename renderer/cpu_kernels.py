@@ -14,9 +14,11 @@ Why numba: on CPU, the differentiable ops are memory-bound; one fused, parallel 
   differentiable (as in nvdiffrast); gradients of (u, v) and of their screen derivatives
   flow to x, y, w of the three vertices.
 
-Work is split into units = (view, band of rows). With at least as many views as threads each
-unit is a whole view; otherwise views are cut into bands. Gradients are scattered into one
-private buffer per unit (summed afterwards), so nothing races and results are deterministic.
+Kernels are serial and release the GIL; ``renderer.ops`` runs them on a thread pool, one call
+per unit of work (a view, a band of rows, a chunk of rows). Serial kernels compile several
+times faster than numba's parallel ones (which matters with a cold cache, e.g. in CI) and make
+the split explicit. Gradients are scattered into one private buffer per unit (summed
+afterwards), so nothing races and results are deterministic.
 """
 from __future__ import annotations
 
@@ -160,19 +162,15 @@ _OUT_WNEG = 64  # w <= 0
 _OUT_BAD = 128  # not finite
 
 
-@nb.njit(parallel=True, **_OPTS)
-def vertex_setup(pos, height, width, sxy, code):
-    """Per (view, vertex): pixel coordinates (where w > 0) and clip outcodes, so that each
-    triangle's culling and pixel box take three lookups instead of three projections."""
-    V, N = pos.shape[0], pos.shape[1]
+@nb.njit(**_OPTS)
+def vertex_setup(pos, height, width, sxy, code, v0, v1):
+    """Per vertex of views [v0, v1): pixel coordinates (where w > 0) and clip outcodes, so that
+    each triangle's culling and pixel box take three lookups instead of three projections."""
+    N = pos.shape[1]
     hw = 0.5 * width
     hh = 0.5 * height
-    chunk = 8192
-    nchunk = (N + chunk - 1) // chunk
-    for job in nb.prange(V * nchunk):
-        v = job // nchunk
-        i0 = (job % nchunk) * chunk
-        for i in range(i0, min(N, i0 + chunk)):
+    for v in range(v0, v1):
+        for i in range(N):
             X, Y, Z, Wc = _load(pos, v, i)
             c = 0
             if not np.isfinite(X + Y + Z + Wc):
@@ -201,235 +199,224 @@ def vertex_setup(pos, height, width, sxy, code):
                 sxy[v, i, 1] = (Y / Wc + 1.0) * hh
 
 
-@nb.njit(parallel=True, **_OPTS)
-def raster_fwd(pos, tri, sxy, code, nband, rast, rast_db):
-    """Z-buffered visibility per (view, band of rows), writing (u, v, z/w, id + 1) and
+@nb.njit(**_OPTS)
+def raster_fwd(pos, tri, sxy, code, v, r0, r1, rast, rast_db):
+    """Z-buffered visibility of view v, rows [r0, r1), writing (u, v, z/w, id + 1) and
     d(u, v)/d(X, Y) whenever a fragment wins the depth test (sxy, code from vertex_setup)."""
-    V, H, W = rast.shape[0], rast.shape[1], rast.shape[2]
+    H, W = rast.shape[1], rast.shape[2]
     F = tri.shape[0]
-    rows = (H + nband - 1) // nband
     xs = 2.0 / W
     ys = 2.0 / H
     xo = 1.0 / W - 1.0
     yo = 1.0 / H - 1.0
-    for unit in nb.prange(V * nband):
-        v = unit // nband
-        r0 = (unit % nband) * rows
-        r1 = min(H, r0 + rows)
-        if r0 >= r1:
+    if r0 >= r1:
+        return
+    zb = np.full((r1 - r0, W), np.inf)
+    for y in range(r0, r1):
+        for x in range(W):
+            for c in range(4):
+                rast[v, y, x, c] = 0.0
+                rast_db[v, y, x, c] = 0.0
+    for f in range(F):
+        i0, i1, i2 = tri[f, 0], tri[f, 1], tri[f, 2]
+        k0, k1, k2 = code[v, i0], code[v, i1], code[v, i2]
+        if (k0 & k1 & k2) & 63 or (k0 | k1 | k2) & _OUT_BAD or i0 == i1 or i1 == i2 or i0 == i2:
             continue
-        zb = np.full((r1 - r0, W), np.inf)
-        for y in range(r0, r1):
-            for x in range(W):
-                for c in range(4):
-                    rast[v, y, x, c] = 0.0
-                    rast_db[v, y, x, c] = 0.0
-        for f in range(F):
+        if (k0 | k1 | k2) & (_OUT_NEAR | _OUT_WNEG):
+            bx0, bx1, by0, by1 = _bbox_one(pos, v, i0, i1, i2, H, W)
+        else:
+            sx0, sx1, sx2 = sxy[v, i0, 0], sxy[v, i1, 0], sxy[v, i2, 0]
+            sy0, sy1, sy2 = sxy[v, i0, 1], sxy[v, i1, 1], sxy[v, i2, 1]
+            bx0, bx1, by0, by1 = _pixel_box(min(sx0, min(sx1, sx2)), max(sx0, max(sx1, sx2)),
+                                            min(sy0, min(sy1, sy2)), max(sy0, max(sy1, sy2)), H, W)
+        if bx0 > bx1:
+            continue
+        by0 = max(by0, r0)
+        by1 = min(by1, r1 - 1)
+        if by0 > by1:
+            continue
+        X0, Y0, Z0, W0 = _load(pos, v, i0)
+        X1, Y1, Z1, W1 = _load(pos, v, i1)
+        X2, Y2, Z2, W2 = _load(pos, v, i2)
+        c0, ax0, ay0, c1, ax1, ay1, c2, ax2, ay2, det = _edge_coeffs(X0, Y0, W0, X1, Y1, W1, X2, Y2, W2)
+        if det == 0.0:
+            continue
+        if det < 0.0:
+            c0, ax0, ay0, c1, ax1, ay1, c2, ax2, ay2, det = -c0, -ax0, -ay0, -c1, -ax1, -ay1, -c2, -ax2, -ay2, -det
+        idet = 1.0 / det
+        sx = ax0 + ax1 + ax2
+        sy = ay0 + ay1 + ay2
+        # Top-left rule per edge, decided once; the pixel test below is branch-free.
+        tl0 = _inside(0.0, ax0, ay0)
+        tl1 = _inside(0.0, ax1, ay1)
+        tl2 = _inside(0.0, ax2, ay2)
+        for y in range(by0, by1 + 1):
+            yn = y * ys + yo
+            e0r = c0 + ay0 * yn
+            e1r = c1 + ay1 * yn
+            e2r = c2 + ay2 * yn
+            for x in range(bx0, bx1 + 1):
+                xn = x * xs + xo
+                e0 = e0r + ax0 * xn
+                e1 = e1r + ax1 * xn
+                e2 = e2r + ax2 * xn
+                inside = ((e0 > 0.0) | ((e0 == 0.0) & tl0)) & ((e1 > 0.0) | ((e1 == 0.0) & tl1)) & \
+                    ((e2 > 0.0) | ((e2 == 0.0) & tl2))
+                if not inside:
+                    continue
+                z = (e0 * Z0 + e1 * Z1 + e2 * Z2) * idet
+                if z < -1.0 or z > 1.0 or not z < zb[y - r0, x]:
+                    continue
+                zb[y - r0, x] = z
+                iet = 1.0 / (e0 + e1 + e2)
+                b0 = e0 * iet
+                b1 = e1 * iet
+                rast[v, y, x, 0] = b0
+                rast[v, y, x, 1] = b1
+                rast[v, y, x, 2] = z
+                rast[v, y, x, 3] = f + 1
+                rast_db[v, y, x, 0] = xs * (ax0 - b0 * sx) * iet
+                rast_db[v, y, x, 1] = ys * (ay0 - b0 * sy) * iet
+                rast_db[v, y, x, 2] = xs * (ax1 - b1 * sx) * iet
+                rast_db[v, y, x, 3] = ys * (ay1 - b1 * sy) * iet
+
+
+@nb.njit(**_OPTS)
+def raster_bwd(pos, tri, rast, grad_rast, grad_db, use_db, v, r0, r1, gbuf):
+    """Gradient of (u, v) and of d(u, v)/d(X, Y) w.r.t. x, y, w of the covering triangle, for
+    view v, rows [r0, r1), accumulated into gbuf (N, 4)."""
+    H, W = rast.shape[1], rast.shape[2]
+    F = tri.shape[0]
+    xs = 2.0 / W
+    ys = 2.0 / H
+    xo = 1.0 / W - 1.0
+    yo = 1.0 / H - 1.0
+    for y in range(r0, r1):
+        yn = y * ys + yo
+        for x in range(W):
+            t = int(rast[v, y, x, 3])
+            if t <= 0 or t > F:
+                continue
+            gu = float(grad_rast[v, y, x, 0])
+            gv = float(grad_rast[v, y, x, 1])
+            g0 = g1 = g2 = g3 = 0.0
+            if use_db:
+                g0 = float(grad_db[v, y, x, 0])
+                g1 = float(grad_db[v, y, x, 1])
+                g2 = float(grad_db[v, y, x, 2])
+                g3 = float(grad_db[v, y, x, 3])
+            if gu == 0.0 and gv == 0.0 and g0 == 0.0 and g1 == 0.0 and g2 == 0.0 and g3 == 0.0:
+                continue
+            f = t - 1
             i0, i1, i2 = tri[f, 0], tri[f, 1], tri[f, 2]
-            k0, k1, k2 = code[v, i0], code[v, i1], code[v, i2]
-            if (k0 & k1 & k2) & 63 or (k0 | k1 | k2) & _OUT_BAD or i0 == i1 or i1 == i2 or i0 == i2:
-                continue
-            if (k0 | k1 | k2) & (_OUT_NEAR | _OUT_WNEG):
-                bx0, bx1, by0, by1 = _bbox_one(pos, v, i0, i1, i2, H, W)
-            else:
-                sx0, sx1, sx2 = sxy[v, i0, 0], sxy[v, i1, 0], sxy[v, i2, 0]
-                sy0, sy1, sy2 = sxy[v, i0, 1], sxy[v, i1, 1], sxy[v, i2, 1]
-                bx0, bx1, by0, by1 = _pixel_box(min(sx0, min(sx1, sx2)), max(sx0, max(sx1, sx2)),
-                                                min(sy0, min(sy1, sy2)), max(sy0, max(sy1, sy2)), H, W)
-            if bx0 > bx1:
-                continue
-            by0 = max(by0, r0)
-            by1 = min(by1, r1 - 1)
-            if by0 > by1:
-                continue
             X0, Y0, Z0, W0 = _load(pos, v, i0)
             X1, Y1, Z1, W1 = _load(pos, v, i1)
             X2, Y2, Z2, W2 = _load(pos, v, i2)
-            c0, ax0, ay0, c1, ax1, ay1, c2, ax2, ay2, det = _edge_coeffs(X0, Y0, W0, X1, Y1, W1, X2, Y2, W2)
-            if det == 0.0:
+            xn = x * xs + xo
+            p0x, p0y = X0 - xn * W0, Y0 - yn * W0
+            p1x, p1y = X1 - xn * W1, Y1 - yn * W1
+            p2x, p2y = X2 - xn * W2, Y2 - yn * W2
+            a0 = p1x * p2y - p1y * p2x
+            a1 = p2x * p0y - p2y * p0x
+            a2 = p0x * p1y - p0y * p1x
+            at = a0 + a1 + a2
+            if at == 0.0:
                 continue
-            if det < 0.0:
-                c0, ax0, ay0, c1, ax1, ay1, c2, ax2, ay2, det = -c0, -ax0, -ay0, -c1, -ax1, -ay1, -c2, -ax2, -ay2, -det
-            idet = 1.0 / det
-            sx = ax0 + ax1 + ax2
-            sy = ay0 + ay1 + ay2
-            # Top-left rule per edge, decided once; the pixel test below is branch-free.
-            tl0 = _inside(0.0, ax0, ay0)
-            tl1 = _inside(0.0, ax1, ay1)
-            tl2 = _inside(0.0, ax2, ay2)
-            for y in range(by0, by1 + 1):
-                yn = y * ys + yo
-                e0r = c0 + ay0 * yn
-                e1r = c1 + ay1 * yn
-                e2r = c2 + ay2 * yn
-                for x in range(bx0, bx1 + 1):
-                    xn = x * xs + xo
-                    e0 = e0r + ax0 * xn
-                    e1 = e1r + ax1 * xn
-                    e2 = e2r + ax2 * xn
-                    inside = ((e0 > 0.0) | ((e0 == 0.0) & tl0)) & ((e1 > 0.0) | ((e1 == 0.0) & tl1)) & \
-                        ((e2 > 0.0) | ((e2 == 0.0) & tl2))
-                    if not inside:
-                        continue
-                    z = (e0 * Z0 + e1 * Z1 + e2 * Z2) * idet
-                    if z < -1.0 or z > 1.0 or not z < zb[y - r0, x]:
-                        continue
-                    zb[y - r0, x] = z
-                    iet = 1.0 / (e0 + e1 + e2)
-                    b0 = e0 * iet
-                    b1 = e1 * iet
-                    rast[v, y, x, 0] = b0
-                    rast[v, y, x, 1] = b1
-                    rast[v, y, x, 2] = z
-                    rast[v, y, x, 3] = f + 1
-                    rast_db[v, y, x, 0] = xs * (ax0 - b0 * sx) * iet
-                    rast_db[v, y, x, 1] = ys * (ay0 - b0 * sy) * iet
-                    rast_db[v, y, x, 2] = xs * (ax1 - b1 * sx) * iet
-                    rast_db[v, y, x, 3] = ys * (ay1 - b1 * sy) * iet
-
-
-@nb.njit(parallel=True, **_OPTS)
-def raster_bwd(pos, tri, rast, grad_rast, grad_db, use_db, nband, gbuf):
-    """Gradient of (u, v) and of d(u, v)/d(X, Y) w.r.t. x, y, w of the covering triangle.
-
-    gbuf is (V * nband, N, 4), zeroed; unit k writes only gbuf[k].
-    """
-    V, H, W = rast.shape[0], rast.shape[1], rast.shape[2]
-    F = tri.shape[0]
-    rows = (H + nband - 1) // nband
-    xs = 2.0 / W
-    ys = 2.0 / H
-    xo = 1.0 / W - 1.0
-    yo = 1.0 / H - 1.0
-    for unit in nb.prange(V * nband):
-        v = unit // nband
-        r0 = (unit % nband) * rows
-        r1 = min(H, r0 + rows)
-        for y in range(r0, r1):
-            yn = y * ys + yo
-            for x in range(W):
-                t = int(rast[v, y, x, 3])
-                if t <= 0 or t > F:
-                    continue
-                gu = float(grad_rast[v, y, x, 0])
-                gv = float(grad_rast[v, y, x, 1])
-                g0 = g1 = g2 = g3 = 0.0
-                if use_db:
-                    g0 = float(grad_db[v, y, x, 0])
-                    g1 = float(grad_db[v, y, x, 1])
-                    g2 = float(grad_db[v, y, x, 2])
-                    g3 = float(grad_db[v, y, x, 3])
-                if gu == 0.0 and gv == 0.0 and g0 == 0.0 and g1 == 0.0 and g2 == 0.0 and g3 == 0.0:
-                    continue
-                f = t - 1
-                i0, i1, i2 = tri[f, 0], tri[f, 1], tri[f, 2]
-                X0, Y0, Z0, W0 = _load(pos, v, i0)
-                X1, Y1, Z1, W1 = _load(pos, v, i1)
-                X2, Y2, Z2, W2 = _load(pos, v, i2)
-                xn = x * xs + xo
-                p0x, p0y = X0 - xn * W0, Y0 - yn * W0
-                p1x, p1y = X1 - xn * W1, Y1 - yn * W1
-                p2x, p2y = X2 - xn * W2, Y2 - yn * W2
-                a0 = p1x * p2y - p1y * p2x
-                a1 = p2x * p0y - p2y * p0x
-                a2 = p0x * p1y - p0y * p1x
-                at = a0 + a1 + a2
-                if at == 0.0:
-                    continue
-                b0 = a0 / at
-                b1 = a1 / at
-                gb0, gb1, gat = gu, gv, 0.0
-                gX0 = gX1 = gX2 = gY0 = gY1 = gY2 = gW0 = gW1 = gW2 = 0.0
-                if use_db and (g0 != 0.0 or g1 != 0.0 or g2 != 0.0 or g3 != 0.0):
-                    ax0 = Y1 * W2 - Y2 * W1
-                    ay0 = X2 * W1 - X1 * W2
-                    ax1 = Y2 * W0 - Y0 * W2
-                    ay1 = X0 * W2 - X2 * W0
-                    ax2 = Y0 * W1 - Y1 * W0
-                    ay2 = X1 * W0 - X0 * W1
-                    sx = ax0 + ax1 + ax2
-                    sy = ay0 + ay1 + ay2
-                    dux = xs * (ax0 - b0 * sx) / at
-                    duy = ys * (ay0 - b0 * sy) / at
-                    dvx = xs * (ax1 - b1 * sx) / at
-                    dvy = ys * (ay1 - b1 * sy) / at
-                    gsx = -xs * (g0 * b0 + g2 * b1) / at
-                    gsy = -ys * (g1 * b0 + g3 * b1) / at
-                    tax0 = xs * g0 / at + gsx
-                    tax1 = xs * g2 / at + gsx
-                    tax2 = gsx
-                    tay0 = ys * g1 / at + gsy
-                    tay1 = ys * g3 / at + gsy
-                    tay2 = gsy
-                    gb0 -= (xs * g0 * sx + ys * g1 * sy) / at
-                    gb1 -= (xs * g2 * sx + ys * g3 * sy) / at
-                    gat = -(dux * g0 + duy * g1 + dvx * g2 + dvy * g3) / at
-                    # ax_i, ay_i are 2x2 minors of (X, Y, W).
-                    gY1 += tax0 * W2
-                    gW2 += tax0 * Y1
-                    gY2 -= tax0 * W1
-                    gW1 -= tax0 * Y2
-                    gY2 += tax1 * W0
-                    gW0 += tax1 * Y2
-                    gY0 -= tax1 * W2
-                    gW2 -= tax1 * Y0
-                    gY0 += tax2 * W1
-                    gW1 += tax2 * Y0
-                    gY1 -= tax2 * W0
-                    gW0 -= tax2 * Y1
-                    gX2 += tay0 * W1
-                    gW1 += tay0 * X2
-                    gX1 -= tay0 * W2
-                    gW2 -= tay0 * X1
-                    gX0 += tay1 * W2
-                    gW2 += tay1 * X0
-                    gX2 -= tay1 * W0
-                    gW0 -= tay1 * X2
-                    gX1 += tay2 * W0
-                    gW0 += tay2 * X1
-                    gX0 -= tay2 * W1
-                    gW1 -= tay2 * X0
-                s = (gb0 * b0 + gb1 * b1) / at
-                ga0 = gb0 / at - s + gat
-                ga1 = gb1 / at - s + gat
-                ga2 = gat - s
-                gp0x = ga2 * p1y - ga1 * p2y
-                gp0y = ga1 * p2x - ga2 * p1x
-                gp1x = ga0 * p2y - ga2 * p0y
-                gp1y = ga2 * p0x - ga0 * p2x
-                gp2x = ga1 * p0y - ga0 * p1y
-                gp2y = ga0 * p1x - ga1 * p0x
-                gX0 += gp0x
-                gY0 += gp0y
-                gW0 -= xn * gp0x + yn * gp0y
-                gX1 += gp1x
-                gY1 += gp1y
-                gW1 -= xn * gp1x + yn * gp1y
-                gX2 += gp2x
-                gY2 += gp2y
-                gW2 -= xn * gp2x + yn * gp2y
-                gbuf[unit, i0, 0] += gX0
-                gbuf[unit, i0, 1] += gY0
-                gbuf[unit, i0, 3] += gW0
-                gbuf[unit, i1, 0] += gX1
-                gbuf[unit, i1, 1] += gY1
-                gbuf[unit, i1, 3] += gW1
-                gbuf[unit, i2, 0] += gX2
-                gbuf[unit, i2, 1] += gY2
-                gbuf[unit, i2, 3] += gW2
+            b0 = a0 / at
+            b1 = a1 / at
+            gb0, gb1, gat = gu, gv, 0.0
+            gX0 = gX1 = gX2 = gY0 = gY1 = gY2 = gW0 = gW1 = gW2 = 0.0
+            if use_db and (g0 != 0.0 or g1 != 0.0 or g2 != 0.0 or g3 != 0.0):
+                ax0 = Y1 * W2 - Y2 * W1
+                ay0 = X2 * W1 - X1 * W2
+                ax1 = Y2 * W0 - Y0 * W2
+                ay1 = X0 * W2 - X2 * W0
+                ax2 = Y0 * W1 - Y1 * W0
+                ay2 = X1 * W0 - X0 * W1
+                sx = ax0 + ax1 + ax2
+                sy = ay0 + ay1 + ay2
+                dux = xs * (ax0 - b0 * sx) / at
+                duy = ys * (ay0 - b0 * sy) / at
+                dvx = xs * (ax1 - b1 * sx) / at
+                dvy = ys * (ay1 - b1 * sy) / at
+                gsx = -xs * (g0 * b0 + g2 * b1) / at
+                gsy = -ys * (g1 * b0 + g3 * b1) / at
+                tax0 = xs * g0 / at + gsx
+                tax1 = xs * g2 / at + gsx
+                tax2 = gsx
+                tay0 = ys * g1 / at + gsy
+                tay1 = ys * g3 / at + gsy
+                tay2 = gsy
+                gb0 -= (xs * g0 * sx + ys * g1 * sy) / at
+                gb1 -= (xs * g2 * sx + ys * g3 * sy) / at
+                gat = -(dux * g0 + duy * g1 + dvx * g2 + dvy * g3) / at
+                # ax_i, ay_i are 2x2 minors of (X, Y, W).
+                gY1 += tax0 * W2
+                gW2 += tax0 * Y1
+                gY2 -= tax0 * W1
+                gW1 -= tax0 * Y2
+                gY2 += tax1 * W0
+                gW0 += tax1 * Y2
+                gY0 -= tax1 * W2
+                gW2 -= tax1 * Y0
+                gY0 += tax2 * W1
+                gW1 += tax2 * Y0
+                gY1 -= tax2 * W0
+                gW0 -= tax2 * Y1
+                gX2 += tay0 * W1
+                gW1 += tay0 * X2
+                gX1 -= tay0 * W2
+                gW2 -= tay0 * X1
+                gX0 += tay1 * W2
+                gW2 += tay1 * X0
+                gX2 -= tay1 * W0
+                gW0 -= tay1 * X2
+                gX1 += tay2 * W0
+                gW0 += tay2 * X1
+                gX0 -= tay2 * W1
+                gW1 -= tay2 * X0
+            s = (gb0 * b0 + gb1 * b1) / at
+            ga0 = gb0 / at - s + gat
+            ga1 = gb1 / at - s + gat
+            ga2 = gat - s
+            gp0x = ga2 * p1y - ga1 * p2y
+            gp0y = ga1 * p2x - ga2 * p1x
+            gp1x = ga0 * p2y - ga2 * p0y
+            gp1y = ga2 * p0x - ga0 * p2x
+            gp2x = ga1 * p0y - ga0 * p1y
+            gp2y = ga0 * p1x - ga1 * p0x
+            gX0 += gp0x
+            gY0 += gp0y
+            gW0 -= xn * gp0x + yn * gp0y
+            gX1 += gp1x
+            gY1 += gp1y
+            gW1 -= xn * gp1x + yn * gp1y
+            gX2 += gp2x
+            gY2 += gp2y
+            gW2 -= xn * gp2x + yn * gp2y
+            gbuf[i0, 0] += gX0
+            gbuf[i0, 1] += gY0
+            gbuf[i0, 3] += gW0
+            gbuf[i1, 0] += gX1
+            gbuf[i1, 1] += gY1
+            gbuf[i1, 3] += gW1
+            gbuf[i2, 0] += gX2
+            gbuf[i2, 1] += gY2
+            gbuf[i2, 3] += gW2
 
 
 # ----------------------------------------------------------------------------- interpolate
 
 
-@nb.njit(parallel=True, **_OPTS)
-def interp_fwd(attr, rast, tri, rast_db, diff_idx, out, out_da):
-    """out = u a0 + v a1 + (1 - u - v) a2; out_da = (dA/dX, dA/dY) for attributes diff_idx."""
-    V, H, W = rast.shape[0], rast.shape[1], rast.shape[2]
+@nb.njit(**_OPTS)
+def interp_fwd(attr, rast, tri, rast_db, diff_idx, out, out_da, row0, row1):
+    """out = u a0 + v a1 + (1 - u - v) a2; out_da = (dA/dX, dA/dY) for attributes diff_idx;
+    flattened (view * H + row) rows [row0, row1)."""
+    H, W = rast.shape[1], rast.shape[2]
     A, C = attr.shape[0], attr.shape[2]
     F = tri.shape[0]
     D = diff_idx.shape[0]
-    for row in nb.prange(V * H):
+    for row in range(row0, row1):
         v = row // H
         y = row % H
         av = v if A > 1 else 0
@@ -457,67 +444,64 @@ def interp_fwd(attr, rast, tri, rast_db, diff_idx, out, out_da):
                     out_da[v, y, x, 2 * k + 1] = d0 * duy + d1 * dvy
 
 
-@nb.njit(parallel=True, **_OPTS)
-def interp_bwd(attr, rast, tri, rast_db, diff_idx, gout, gda, unit_ptr, unit_rows, gbuf, grast, gdb):
-    """Gradients of interpolate: scatter into gbuf[unit] (N, C); dense grast / gdb.
-
-    Unit k owns the flattened (view * H + row) rows unit_rows[unit_ptr[k]:unit_ptr[k + 1]].
-    """
-    V, H, W = rast.shape[0], rast.shape[1], rast.shape[2]
+@nb.njit(**_OPTS)
+def interp_bwd(attr, rast, tri, rast_db, diff_idx, gout, gda, rows, gbuf, grast, gdb):
+    """Gradients of interpolate over the flattened (view * H + row) rows listed in rows:
+    scattered into gbuf (N, C); written densely into grast / gdb."""
+    H, W = rast.shape[1], rast.shape[2]
     A, C = attr.shape[0], attr.shape[2]
     F = tri.shape[0]
     D = diff_idx.shape[0]
-    for unit in nb.prange(unit_ptr.shape[0] - 1):
-        for j in range(unit_ptr[unit], unit_ptr[unit + 1]):
-            row = unit_rows[j]
-            v = row // H
-            y = row % H
-            av = v if A > 1 else 0
-            for x in range(W):
-                t = int(rast[v, y, x, 3])
-                if t <= 0 or t > F:
-                    continue
-                i0, i1, i2 = tri[t - 1, 0], tri[t - 1, 1], tri[t - 1, 2]
-                b0 = rast[v, y, x, 0]
-                b1 = rast[v, y, x, 1]
-                b2 = 1.0 - b0 - b1
-                gu = 0.0
-                gv = 0.0
-                for c in range(C):
-                    g = gout[v, y, x, c]
-                    if g != 0.0:
-                        gbuf[unit, i0, c] += b0 * g
-                        gbuf[unit, i1, c] += b1 * g
-                        gbuf[unit, i2, c] += b2 * g
-                        a2 = attr[av, i2, c]
-                        gu += g * (attr[av, i0, c] - a2)
-                        gv += g * (attr[av, i1, c] - a2)
-                grast[v, y, x, 0] = gu
-                grast[v, y, x, 1] = gv
-                if D > 0:
-                    dux, duy, dvx, dvy = rast_db[v, y, x, 0], rast_db[v, y, x, 1], rast_db[v, y, x, 2], rast_db[v, y, x, 3]
-                    gdux = gduy = gdvx = gdvy = 0.0
-                    for k in range(D):
-                        c = diff_idx[k]
-                        gx = gda[v, y, x, 2 * k]
-                        gy = gda[v, y, x, 2 * k + 1]
-                        if gx == 0.0 and gy == 0.0:
-                            continue
-                        d0 = attr[av, i0, c] - attr[av, i2, c]
-                        d1 = attr[av, i1, c] - attr[av, i2, c]
-                        gd0 = gx * dux + gy * duy
-                        gd1 = gx * dvx + gy * dvy
-                        gbuf[unit, i0, c] += gd0
-                        gbuf[unit, i1, c] += gd1
-                        gbuf[unit, i2, c] -= gd0 + gd1
-                        gdux += gx * d0
-                        gdvx += gx * d1
-                        gduy += gy * d0
-                        gdvy += gy * d1
-                    gdb[v, y, x, 0] = gdux
-                    gdb[v, y, x, 1] = gduy
-                    gdb[v, y, x, 2] = gdvx
-                    gdb[v, y, x, 3] = gdvy
+    for j in range(rows.shape[0]):
+        row = rows[j]
+        v = row // H
+        y = row % H
+        av = v if A > 1 else 0
+        for x in range(W):
+            t = int(rast[v, y, x, 3])
+            if t <= 0 or t > F:
+                continue
+            i0, i1, i2 = tri[t - 1, 0], tri[t - 1, 1], tri[t - 1, 2]
+            b0 = rast[v, y, x, 0]
+            b1 = rast[v, y, x, 1]
+            b2 = 1.0 - b0 - b1
+            gu = 0.0
+            gv = 0.0
+            for c in range(C):
+                g = gout[v, y, x, c]
+                if g != 0.0:
+                    gbuf[i0, c] += b0 * g
+                    gbuf[i1, c] += b1 * g
+                    gbuf[i2, c] += b2 * g
+                    a2 = attr[av, i2, c]
+                    gu += g * (attr[av, i0, c] - a2)
+                    gv += g * (attr[av, i1, c] - a2)
+            grast[v, y, x, 0] = gu
+            grast[v, y, x, 1] = gv
+            if D > 0:
+                dux, duy, dvx, dvy = rast_db[v, y, x, 0], rast_db[v, y, x, 1], rast_db[v, y, x, 2], rast_db[v, y, x, 3]
+                gdux = gduy = gdvx = gdvy = 0.0
+                for k in range(D):
+                    c = diff_idx[k]
+                    gx = gda[v, y, x, 2 * k]
+                    gy = gda[v, y, x, 2 * k + 1]
+                    if gx == 0.0 and gy == 0.0:
+                        continue
+                    d0 = attr[av, i0, c] - attr[av, i2, c]
+                    d1 = attr[av, i1, c] - attr[av, i2, c]
+                    gd0 = gx * dux + gy * duy
+                    gd1 = gx * dvx + gy * dvy
+                    gbuf[i0, c] += gd0
+                    gbuf[i1, c] += gd1
+                    gbuf[i2, c] -= gd0 + gd1
+                    gdux += gx * d0
+                    gdvx += gx * d1
+                    gduy += gy * d0
+                    gdvy += gy * d1
+                gdb[v, y, x, 0] = gdux
+                gdb[v, y, x, 1] = gduy
+                gdb[v, y, x, 2] = gdvx
+                gdb[v, y, x, 3] = gdvy
 
 
 # ----------------------------------------------------------------------------- antialias
@@ -611,24 +595,25 @@ def _silhouette_flags(pos, v, tri, opp, f, hw, hh):
     return fl
 
 
-@nb.njit(parallel=True, **_OPTS)
-def aa_analyze(pos, tri, opp, flags, rast, alpha, info, row_count):
+@nb.njit(**_OPTS)
+def aa_analyze(pos, tri, opp, flags, rast, alpha, info, row_count, row0, row1):
     """For each pixel pair (right: d=0, down: d=1) with different triangle ids, decide whether a
     silhouette edge of the front triangle crosses the segment between the pixel centres, and
     store the blend weight alpha (0: no blend), info = edge | (other-pixel-chosen << 2), and
-    the number of blends per (view, row). flags (V, F) uint8 starts at 255 (unknown).
+    the number of blends per (view, row), for flattened rows [row0, row1). flags (V, F) uint8
+    starts at 255 (unknown).
 
     As nvdiffrast: of the front triangle's edges crossing the line through both centres the
     farthest crossing is taken; it blends only if that edge is a silhouette (no neighbour, or
     the neighbour's opposite vertex lies on the same side), is steeper than 45 degrees to the
     pair's axis, and crosses within the segment (1/16 px tolerance, then clamped).
     """
-    V, H, W = rast.shape[0], rast.shape[1], rast.shape[2]
+    H, W = rast.shape[1], rast.shape[2]
     F = tri.shape[0]
     hw = 0.5 * W
     hh = 0.5 * H
     eps = 0.0625
-    for row in nb.prange(V * H):
+    for row in range(row0, row1):
         v = row // H
         y = row % H
         count = 0

@@ -9,12 +9,12 @@ edge-crossing derivative (nvdiffrast adds a 1e-3 px epsilon to the denominator).
 """
 from __future__ import annotations
 
+import os
 import weakref
 from collections import OrderedDict
-from contextlib import contextmanager
-from typing import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
 
-import numba
 import numpy as np
 import torch
 
@@ -53,51 +53,80 @@ def _torch_dtype(a: np.ndarray) -> torch.dtype:
     return torch.float64 if a.dtype == np.float64 else torch.float32
 
 
-def _threads() -> int:
-    return int(numba.get_num_threads())
+_POOL: ThreadPoolExecutor | None = None
+_NUM_THREADS = 0  # 0: all CPUs this process may use
+_SMALL_WORK = 1 << 15  # pixels; below this, threads cost more than they save
 
 
-_SMALL_WORK = 1 << 15  # pixels; below this a parallel launch costs more than it saves
+def set_num_threads(n: int) -> None:
+    """Threads of the cpu backend (0 = all CPUs this process may use)."""
+    global _NUM_THREADS, _POOL
+    if n < 0:
+        raise RendererError(f"number of threads must be >= 0, got {n}")
+    _NUM_THREADS = int(n)
+    if _POOL is not None:
+        _POOL.shutdown(wait=True)
+        _POOL = None
 
 
-@contextmanager
-def _threads_for(pixels: int) -> Iterator[None]:
-    """Run numba kernels single-threaded on tiny images (thread wake-ups dominate there, and
-    badly so on a loaded machine)."""
-    if pixels >= _SMALL_WORK or numba.get_num_threads() == 1:
-        yield
-        return
-    prev = numba.get_num_threads()
-    numba.set_num_threads(1)
+def get_num_threads() -> int:
+    if _NUM_THREADS > 0:
+        return _NUM_THREADS
     try:
-        yield
-    finally:
-        numba.set_num_threads(prev)
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _threads(pixels: int) -> int:
+    """Threads for a job of this many pixels (1 for tiny images: wake-ups would dominate)."""
+    return 1 if pixels < _SMALL_WORK else get_num_threads()
+
+
+def _run(kernel: Callable[..., None], jobs: list[tuple], threads: int) -> None:
+    """Run kernel(*args) for every args in jobs, on the pool when there is more than one thread."""
+    global _POOL
+    if threads <= 1 or len(jobs) <= 1:
+        for args in jobs:
+            kernel(*args)
+        return
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=get_num_threads(), thread_name_prefix="renderer")
+    for _ in _POOL.map(lambda args: kernel(*args), jobs):
+        pass
+
+
+def _chunks(n: int, parts: int) -> list[tuple[int, int]]:
+    """[start, end) ranges splitting range(n) into at most ``parts`` near-equal pieces."""
+    parts = max(1, min(parts, n))
+    edges = np.linspace(0, n, parts + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def _bands(n_views: int, height: int, threads: int) -> list[tuple[int, int, int]]:
+    """(view, row0, row1) units: whole views when there are enough, else bands of rows."""
+    nband = K.plan_units(n_views, height, threads)
+    return [(v, r0, r1) for v in range(n_views) for r0, r1 in _chunks(height, nband)]
 
 
 def _backend(ctx: RenderContext | None, t: torch.Tensor) -> str:
     if ctx is not None:
-        return ctx.backend
+        return ctx.backend_for(t)
     return "nvdiffrast" if t.is_cuda and nvdr.available() else "cpu"
 
 
-def _row_units(n_views: int, height: int, per_view: bool) -> tuple[np.ndarray, np.ndarray, int]:
-    """Rows of the flattened (view, row) space dealt to units, as CSR (ptr, rows); bands per view.
+def _row_units(n_views: int, height: int, per_view: bool, threads: int) -> tuple[list[np.ndarray], int]:
+    """Flattened (view * H + row) rows of each gradient unit, and the number of units per view.
 
     per_view: units never mix views (their gradients go to per-view buffers); else one unit per
     thread with interleaved rows (balances covered and empty rows).
     """
-    T = _threads()
     if per_view:
-        nband = K.plan_units(n_views, height, T)
+        nband = K.plan_units(n_views, height, threads)
         rows = [np.arange(b, height, nband, dtype=np.int64) + v * height for v in range(n_views) for b in range(nband)]
-    else:
-        nband = 0
-        total = n_views * height
-        rows = [np.arange(u, total, T, dtype=np.int64) for u in range(T)]
-    ptr = np.zeros(len(rows) + 1, np.int64)
-    ptr[1:] = np.cumsum([len(r) for r in rows])
-    return ptr, np.concatenate(rows) if rows else np.zeros(0, np.int64), nband
+        return rows, nband
+    total = n_views * height
+    return [np.arange(u, total, threads, dtype=np.int64) for u in range(threads)], 0
 
 
 # ----------------------------------------------------------------------------- rasterize
@@ -111,14 +140,15 @@ class _RasterizeCPU(torch.autograd.Function):
         p = _np(pos, dtype)
         t = _tri_np(tri, p.shape[1])
         V = p.shape[0]
-        nband = K.plan_units(V, H, _threads())
+        T = _threads(V * H * W)
         sxy = np.empty((V, p.shape[1], 2), np.float64)
         code = np.empty((V, p.shape[1]), np.uint8)
-        K.vertex_setup(p, H, W, sxy, code)
+        _run(K.vertex_setup, [(p, H, W, sxy, code, a, b) for a, b in _chunks(V, T)], T)
         rast = np.empty((V, H, W, 4), p.dtype)
         rast_db = np.empty((V, H, W, 4), p.dtype)
-        K.raster_fwd(p, t, sxy, code, nband, rast, rast_db)
-        ctx.saved = (p, t, rast, nband, grad_db)
+        units = _bands(V, H, T)
+        _run(K.raster_fwd, [(p, t, sxy, code, v, r0, r1, rast, rast_db) for v, r0, r1 in units], T)
+        ctx.saved = (p, t, rast, units, grad_db)
         ctx.pos_dtype = pos.dtype
         out = torch.from_numpy(rast).to(pos.device)
         out_db = torch.from_numpy(rast_db).to(pos.device)
@@ -126,7 +156,7 @@ class _RasterizeCPU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rast: torch.Tensor | None, grad_db: torch.Tensor | None):
-        p, t, rast, nband, use_db = ctx.saved
+        p, t, rast, units, use_db = ctx.saved
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         V, N = p.shape[0], p.shape[1]
@@ -134,10 +164,11 @@ class _RasterizeCPU(torch.autograd.Function):
         gr = _np(grad_rast, kd) if grad_rast is not None else np.zeros_like(rast)
         use_db = bool(use_db and grad_db is not None and bool(torch.any(grad_db != 0)))
         gdb = _np(grad_db, kd) if use_db else np.zeros((1, 1, 1, 4), p.dtype)
-        gbuf = np.zeros((V * nband, N, 4), p.dtype)
-        with _threads_for(rast.shape[0] * rast.shape[1] * rast.shape[2]):
-            K.raster_bwd(p, t, rast, gr, gdb, use_db, nband, gbuf)
-        g = gbuf.reshape(V, nband, N, 4).sum(axis=1) if nband > 1 else gbuf.reshape(V, N, 4)
+        nband = len(units) // V
+        gbuf = np.zeros((len(units), N, 4), p.dtype)
+        T = _threads(rast.shape[0] * rast.shape[1] * rast.shape[2])
+        _run(K.raster_bwd, [(p, t, rast, gr, gdb, use_db, v, r0, r1, gbuf[k]) for k, (v, r0, r1) in enumerate(units)], T)
+        g = gbuf.reshape(V, nband, N, 4).sum(axis=1) if nband > 1 else gbuf
         dev = grad_rast.device if grad_rast is not None else grad_db.device
         return torch.from_numpy(g).to(device=dev, dtype=ctx.pos_dtype), None, None, None
 
@@ -160,15 +191,15 @@ def rasterize(
     H, W = (int(r) for r in resolution)
     if H <= 0 or W <= 0:
         raise RendererError(f"resolution must be positive (H, W), got {tuple(resolution)}")
-    if ctx.backend == "nvdiffrast":
+    if ctx.backend_for(pos) == "nvdiffrast":
         dr = nvdr.load()
-        return dr.rasterize(ctx.raw, pos.float().contiguous(), tri.int().contiguous(), (H, W), ranges=ranges, grad_db=grad_db)
+        return dr.rasterize(ctx.raw(pos.device), pos.float().contiguous(), tri.int().contiguous(), (H, W),
+                            ranges=ranges, grad_db=grad_db)
     if ranges is not None:
         raise RendererError("the cpu backend supports instanced mode only: pass pos (V, N, 4) and ranges=None")
     if pos.ndim != 3 or pos.shape[2] != 4:
         raise RendererError(f"pos must have shape (V, N, 4) clip coordinates, got {tuple(pos.shape)}")
-    with _threads_for(pos.shape[0] * H * W):
-        return _RasterizeCPU.apply(pos, tri, (H, W), bool(grad_db))
+    return _RasterizeCPU.apply(pos, tri, (H, W), bool(grad_db))
 
 
 # ----------------------------------------------------------------------------- interpolate
@@ -189,7 +220,8 @@ class _InterpolateCPU(torch.autograd.Function):
         db = _np(rast_db, dtype) if len(didx) else np.zeros((1, 1, 1, 4), r.dtype)
         out = np.empty((V, H, W, a.shape[2]), r.dtype)
         out_da = np.empty((V, H, W, 2 * len(didx)), r.dtype)
-        K.interp_fwd(a, r, t, db, didx, out, out_da)
+        T = _threads(V * H * W)
+        _run(K.interp_fwd, [(a, r, t, db, didx, out, out_da, r0, r1) for r0, r1 in _chunks(V * H, 4 * T)], T)
         ctx.saved = (a, r, t, db, didx, attr.ndim == 2)
         ctx.attr_dtype = attr.dtype
         dev = rast.device
@@ -203,13 +235,12 @@ class _InterpolateCPU(torch.autograd.Function):
         go = _np(gout, _torch_dtype(r)) if gout is not None else np.zeros((V, H, W, C), r.dtype)
         gd = _np(gda, _torch_dtype(r)) if (gda is not None and len(didx)) else np.zeros((V, H, W, 2 * len(didx)), r.dtype)
         per_view = A > 1
-        with _threads_for(V * H * W):
-            ptr, rows, nband = _row_units(V, H, per_view)
-            U = len(ptr) - 1
-            gbuf = np.zeros((U, N, C), r.dtype)
-            grast = np.zeros((V, H, W, 4), r.dtype)
-            gdb = np.zeros((V, H, W, 4), r.dtype) if len(didx) else np.zeros((1, 1, 1, 4), r.dtype)
-            K.interp_bwd(a, r, t, db, didx, go, gd, ptr, rows, gbuf, grast, gdb)
+        T = _threads(V * H * W)
+        rows, nband = _row_units(V, H, per_view, T)
+        gbuf = np.zeros((len(rows), N, C), r.dtype)
+        grast = np.zeros((V, H, W, 4), r.dtype)
+        gdb = np.zeros((V, H, W, 4), r.dtype) if len(didx) else np.zeros((1, 1, 1, 4), r.dtype)
+        _run(K.interp_bwd, [(a, r, t, db, didx, go, gd, rw, gbuf[k], grast, gdb) for k, rw in enumerate(rows)], T)
         if per_view:
             ga = gbuf.reshape(V, nband, N, C).sum(axis=1) if nband > 1 else gbuf
         else:
@@ -259,8 +290,7 @@ def interpolate(
             return dr.interpolate(attr.float().contiguous(), rast, tri.int().contiguous(), rast_db=rast_db, diff_attrs=list(didx))
         return dr.interpolate(attr.float().contiguous(), rast, tri.int().contiguous())
     db = rast_db if didx else rast.new_zeros((1, 1, 1, 4))
-    with _threads_for(rast.shape[0] * rast.shape[1] * rast.shape[2]):
-        return _InterpolateCPU.apply(attr, rast, tri, db, didx)
+    return _InterpolateCPU.apply(attr, rast, tri, db, didx)
 
 
 # ----------------------------------------------------------------------------- texture
@@ -420,7 +450,8 @@ class _AntialiasCPU(torch.autograd.Function):
         info = np.empty((V, H, W, 2), np.int8)
         row_count = np.empty(V * H, np.int64)
         flags = np.full((V, t.shape[0]), 255, np.uint8)
-        K.aa_analyze(p, t, opp, flags, r, alpha, info, row_count)
+        T = _threads(V * H * W)
+        _run(K.aa_analyze, [(p, t, opp, flags, r, alpha, info, row_count, r0, r1) for r0, r1 in _chunks(V * H, 4 * T)], T)
         items, alphas, infos = K.aa_compact(alpha, info, row_count)
         out = c.copy()
         K.aa_apply(c, items, alphas, H, W, out)
@@ -468,5 +499,4 @@ def antialias(
     if color.ndim != 4 or rast.ndim != 4 or pos.ndim != 3:
         raise RendererError(f"antialias needs color (V,H,W,C), rast (V,H,W,4), pos (V,N,4); got "
                             f"{tuple(color.shape)}, {tuple(rast.shape)}, {tuple(pos.shape)}")
-    with _threads_for(rast.shape[0] * rast.shape[1] * rast.shape[2]):
-        return _AntialiasCPU.apply(color, rast, pos, tri, topology_hash, float(pos_gradient_boost))
+    return _AntialiasCPU.apply(color, rast, pos, tri, topology_hash, float(pos_gradient_boost))
