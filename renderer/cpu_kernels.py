@@ -1,8 +1,9 @@
 """Numba kernels of the CPU backend: visibility, barycentrics, interpolation, antialiasing.
 
-Why numba: on CPU, the differentiable ops are memory-bound; one fused, parallel pass per pixel
-(or per triangle) beats chains of vectorized torch ops, each of which streams whole
-(K, 3, 4) temporaries through memory. The kernels follow nvdiffrast's definitions:
+Why numba: on CPU these ops are memory-bound; one fused pass per pixel (or per triangle) beats
+chains of vectorized torch ops, each of which streams whole (K, 3, 4) temporaries through
+memory (measured: a single index_add of 1.1M rows costs as much as a whole interpolate pass),
+and visibility needs a z-buffer loop that torch cannot express without per-triangle Python. The kernels follow nvdiffrast's definitions:
 
 - clip space: pixel (row i, col j) samples NDC ((2j + 1)/W - 1, (2i + 1)/H - 1);
 - coverage by 2D homogeneous edge functions (Olano & Greer): a pixel is inside a triangle iff
@@ -155,7 +156,7 @@ def _bbox_one(pos, v, i0, i1, i2, height, width):
 
 
 # Outcode bits of a clip-space vertex.
-_OUT_XY = 15  # x > w, x < -w, y > w, y < -w
+_OUT_PLANES = 63  # bits 0-5: outside one of the six frustum planes (x, y: 1-8; far 16; near 32)
 _OUT_FAR = 16  # z > w
 _OUT_NEAR = 32  # z < -w
 _OUT_WNEG = 64  # w <= 0
@@ -220,7 +221,7 @@ def raster_fwd(pos, tri, sxy, code, v, r0, r1, rast, rast_db):
     for f in range(F):
         i0, i1, i2 = tri[f, 0], tri[f, 1], tri[f, 2]
         k0, k1, k2 = code[v, i0], code[v, i1], code[v, i2]
-        if (k0 & k1 & k2) & 63 or (k0 | k1 | k2) & _OUT_BAD or i0 == i1 or i1 == i2 or i0 == i2:
+        if (k0 & k1 & k2) & _OUT_PLANES or (k0 | k1 | k2) & _OUT_BAD or i0 == i1 or i1 == i2 or i0 == i2:
             continue
         if (k0 | k1 | k2) & (_OUT_NEAR | _OUT_WNEG):
             bx0, bx1, by0, by1 = _bbox_one(pos, v, i0, i1, i2, H, W)

@@ -160,6 +160,9 @@ class _RasterizeCPU(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         V, N = p.shape[0], p.shape[1]
+        dev = grad_rast.device if grad_rast is not None else grad_db.device
+        if V == 0 or not units:
+            return torch.zeros(p.shape, dtype=ctx.pos_dtype, device=dev), None, None, None
         kd = _torch_dtype(p)
         gr = _np(grad_rast, kd) if grad_rast is not None else np.zeros_like(rast)
         use_db = bool(use_db and grad_db is not None and bool(torch.any(grad_db != 0)))
@@ -169,7 +172,6 @@ class _RasterizeCPU(torch.autograd.Function):
         T = _threads(rast.shape[0] * rast.shape[1] * rast.shape[2])
         _run(K.raster_bwd, [(p, t, rast, gr, gdb, use_db, v, r0, r1, gbuf[k]) for k, (v, r0, r1) in enumerate(units)], T)
         g = gbuf.reshape(V, nband, N, 4).sum(axis=1) if nband > 1 else gbuf
-        dev = grad_rast.device if grad_rast is not None else grad_db.device
         return torch.from_numpy(g).to(device=dev, dtype=ctx.pos_dtype), None, None, None
 
 
@@ -223,7 +225,7 @@ class _InterpolateCPU(torch.autograd.Function):
         T = _threads(V * H * W)
         _run(K.interp_fwd, [(a, r, t, db, didx, out, out_da, r0, r1) for r0, r1 in _chunks(V * H, 4 * T)], T)
         ctx.saved = (a, r, t, db, didx, attr.ndim == 2)
-        ctx.attr_dtype = attr.dtype
+        ctx.dtypes = (attr.dtype, rast.dtype, rast_db.dtype)
         dev = rast.device
         return torch.from_numpy(out).to(dev), torch.from_numpy(out_da).to(dev)
 
@@ -248,9 +250,9 @@ class _InterpolateCPU(torch.autograd.Function):
         if attr_2d:
             ga = ga[0]
         dev = gout.device if gout is not None else gda.device
-        g_attr = torch.from_numpy(np.ascontiguousarray(ga)).to(device=dev, dtype=ctx.attr_dtype)
-        g_rast = torch.from_numpy(grast).to(dev)
-        g_db = torch.from_numpy(gdb).to(dev) if len(didx) else None
+        g_attr = torch.from_numpy(np.ascontiguousarray(ga)).to(device=dev, dtype=ctx.dtypes[0])
+        g_rast = torch.from_numpy(grast).to(device=dev, dtype=ctx.dtypes[1])
+        g_db = torch.from_numpy(gdb).to(device=dev, dtype=ctx.dtypes[2]) if len(didx) else None
         return g_attr, g_rast, None, g_db, None
 
 

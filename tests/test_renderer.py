@@ -442,3 +442,25 @@ def test_nvdiffrast_wrapper_plumbing(monkeypatch):
     out.sum().backward()
     assert pos.grad is not None and pos.grad.abs().sum() > 0
     assert _FakeDr.calls == ["context", "rasterize", "interpolate", "hash", "antialias", "antialias", "texture"]
+
+
+def test_bench_render_cli_runs(capsys, monkeypatch):
+    """The benchmark's render subcommand on a tiny grid: prints the table with one row."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+    spec = importlib.util.spec_from_file_location("bench_cli", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_cli", bench)  # dataclasses look their module up
+    spec.loader.exec_module(bench)
+    rc = bench.main(["render", "--backends", "cpu", "--views", "2", "--sizes", "64x48", "--faces", "3000",
+                     "--repeat", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "rast f/b ms" in out
+    row = [line for line in out.splitlines() if line.startswith("cpu")]
+    assert len(row) == 1 and "64x48" in row[0]
+    verts, faces = bench.hand_like_mesh(3000)
+    assert 2500 < len(faces) < 3500 and faces.max() < len(verts)
