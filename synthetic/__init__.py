@@ -23,6 +23,7 @@ hands are in front of them around the origin, fingers roughly forward (+z), palm
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -294,7 +295,9 @@ def write_synthetic(synth: SyntheticScan, data_path: str | Path, scan_id: str | 
 
     root = write_fmhr(synth.scan, data_path, scan_id, overwrite=overwrite)
     gt_dir = root / "gt"
-    gt_dir.mkdir(parents=True, exist_ok=True)
+    if gt_dir.exists():  # only reached with overwrite: no stale answers of an earlier scan
+        shutil.rmtree(gt_dir)
+    gt_dir.mkdir(parents=True)
     hands = synth.hands
     record = {
         "format": GT_FORMAT,
@@ -347,11 +350,13 @@ def load_truth(scan_dir: str | Path) -> dict[str, Any]:
 
 
 def read_synthetic(data_path: str | Path, scan_id: str | int, scale: float = 1.0) -> Scan:
-    """``read_fmhr`` of a written synthetic scan with ``scan.gt`` filled from ``gt/``."""
+    """``read_fmhr`` of a written synthetic scan with ``scan.gt`` filled from ``gt/`` and
+    ``scan.sides`` set to the hands it really contains."""
     from capture.fmhr import read_fmhr
 
     scan = read_fmhr(data_path, scan_id, scale=scale)
     scan.gt = load_gt(Path(data_path) / str(scan_id))
+    scan.sides = tuple(s for s in SIDES if s in scan.gt.keypoints3d)
     return scan
 
 
