@@ -54,6 +54,7 @@ def _torch_dtype(a: np.ndarray) -> torch.dtype:
 
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_PID = -1
 _NUM_THREADS = 0  # 0: all CPUs this process may use
 _SMALL_WORK = 1 << 15  # pixels; below this, threads cost more than they save
 
@@ -70,6 +71,7 @@ def set_num_threads(n: int) -> None:
 
 
 def get_num_threads() -> int:
+    """Threads the cpu backend uses for images of 32k pixels or more."""
     if _NUM_THREADS > 0:
         return _NUM_THREADS
     try:
@@ -85,13 +87,14 @@ def _threads(pixels: int) -> int:
 
 def _run(kernel: Callable[..., None], jobs: list[tuple], threads: int) -> None:
     """Run kernel(*args) for every args in jobs, on the pool when there is more than one thread."""
-    global _POOL
+    global _POOL, _POOL_PID
     if threads <= 1 or len(jobs) <= 1:
         for args in jobs:
             kernel(*args)
         return
-    if _POOL is None:
+    if _POOL is None or _POOL_PID != os.getpid():  # a forked child has the object but no threads
         _POOL = ThreadPoolExecutor(max_workers=get_num_threads(), thread_name_prefix="renderer")
+        _POOL_PID = os.getpid()
     for _ in _POOL.map(lambda args: kernel(*args), jobs):
         pass
 
