@@ -153,6 +153,7 @@ class _RasterizeCPU(torch.autograd.Function):
         _run(K.raster_fwd, [(p, t, sxy, code, v, r0, r1, rast, rast_db) for v, r0, r1 in units], T)
         ctx.saved = (p, t, rast, units, grad_db)
         ctx.pos_dtype = pos.dtype
+        ctx.set_materialize_grads(False)  # an unused rast_db gets no (V, H, W, 4) zero gradient
         out = torch.from_numpy(rast).to(pos.device)
         out_db = torch.from_numpy(rast_db).to(pos.device)
         return out, out_db
@@ -160,7 +161,7 @@ class _RasterizeCPU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rast: torch.Tensor | None, grad_db: torch.Tensor | None):
         p, t, rast, units, use_db = ctx.saved
-        if not ctx.needs_input_grad[0]:
+        if not ctx.needs_input_grad[0] or (grad_rast is None and grad_db is None):
             return None, None, None, None
         V, N = p.shape[0], p.shape[1]
         dev = grad_rast.device if grad_rast is not None else grad_db.device
@@ -229,12 +230,15 @@ class _InterpolateCPU(torch.autograd.Function):
         _run(K.interp_fwd, [(a, r, t, db, didx, out, out_da, r0, r1) for r0, r1 in _chunks(V * H, 4 * T)], T)
         ctx.saved = (a, r, t, db, didx, attr.ndim == 2)
         ctx.dtypes = (attr.dtype, rast.dtype, rast_db.dtype)
+        ctx.set_materialize_grads(False)
         dev = rast.device
         return torch.from_numpy(out).to(dev), torch.from_numpy(out_da).to(dev)
 
     @staticmethod
     def backward(ctx, gout, gda):
         a, r, t, db, didx, attr_2d = ctx.saved
+        if gout is None and gda is None:
+            return None, None, None, None, None
         V, H, W = r.shape[:3]
         A, N, C = a.shape
         go = _np(gout, _torch_dtype(r)) if gout is not None else np.zeros((V, H, W, C), r.dtype)

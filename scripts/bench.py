@@ -208,6 +208,8 @@ def run_once(ctx, pos: torch.Tensor, tri: torch.Tensor, attr: torch.Tensor, res:
 def bench_render(args: argparse.Namespace) -> int:
     """Table of per-op forward/backward ms per backend x views x resolution x faces; targets."""
     backends = [b for b in args.backends.split(",") if b]
+    renderer.set_num_threads(args.threads)
+    print(f"threads of the cpu backend: {renderer.get_num_threads()}")
     rows, failed = [], False
     torch.manual_seed(0)
     for backend in backends:
@@ -357,6 +359,7 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (JIT, caches)")
     p.add_argument("--quick", action="store_true", help="only the target configurations")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
+    p.add_argument("--threads", type=int, default=0, help="cpu backend threads (0 = all available)")
     p.set_defaults(func=bench_render)
 
 
