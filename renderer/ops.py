@@ -10,7 +10,6 @@ edge-crossing derivative (nvdiffrast adds a 1e-3 px epsilon to the denominator).
 from __future__ import annotations
 
 import os
-import weakref
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
@@ -410,13 +409,14 @@ class TopologyHash:
             self._opp = K.build_opposite(t, n)
         return self._opp
 
-    def nvdiffrast(self) -> object:
+    def nvdiffrast(self, device: torch.device) -> object:
         if self._nv is None:
-            self._nv = nvdr.load().antialias_construct_topology_hash(self.tri.int().contiguous())
+            tri = self.tri.to(device=device, dtype=torch.int32).contiguous()
+            self._nv = nvdr.load().antialias_construct_topology_hash(tri)
         return self._nv
 
 
-_TOPO_CACHE: "OrderedDict[int, tuple[weakref.ref, int, TopologyHash]]" = OrderedDict()
+_TOPO_CACHE: "OrderedDict[int, tuple[int, TopologyHash]]" = OrderedDict()
 _TOPO_CACHE_SIZE = 16
 
 
@@ -426,14 +426,17 @@ def antialias_construct_topology_hash(tri: torch.Tensor) -> TopologyHash:
 
 
 def _cached_topology(tri: torch.Tensor) -> TopologyHash:
-    """Topology for a tri tensor, cached by identity and version (in-place edits invalidate)."""
+    """Topology for a tri tensor, cached by identity and version (in-place edits invalidate).
+
+    Entries hold their tensor, so an id cannot be reused while cached; at most 16 are kept.
+    """
     key = id(tri)
     hit = _TOPO_CACHE.get(key)
-    if hit is not None and hit[0]() is tri and hit[1] == tri._version:
+    if hit is not None and hit[1].tri is tri and hit[0] == tri._version:
         _TOPO_CACHE.move_to_end(key)
-        return hit[2]
+        return hit[1]
     topo = TopologyHash(tri)
-    _TOPO_CACHE[key] = (weakref.ref(tri), tri._version, topo)
+    _TOPO_CACHE[key] = (tri._version, topo)
     while len(_TOPO_CACHE) > _TOPO_CACHE_SIZE:
         _TOPO_CACHE.popitem(last=False)
     return topo
@@ -504,7 +507,7 @@ def antialias(
     if _backend(ctx, color) == "nvdiffrast":
         dr = nvdr.load()
         return dr.antialias(color.float().contiguous(), rast, pos.float().contiguous(), tri.int().contiguous(),
-                            topology_hash=topology_hash.nvdiffrast(), pos_gradient_boost=pos_gradient_boost)
+                            topology_hash=topology_hash.nvdiffrast(tri.device), pos_gradient_boost=pos_gradient_boost)
     if color.ndim != 4 or rast.ndim != 4 or pos.ndim != 3:
         raise RendererError(f"antialias needs color (V,H,W,C), rast (V,H,W,4), pos (V,N,4); got "
                             f"{tuple(color.shape)}, {tuple(rast.shape)}, {tuple(pos.shape)}")
