@@ -15,6 +15,7 @@ rows rescaled by the current depth) — for one view or several calibrated ones.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 PALM = (0, 1, 5, 9, 13, 17)  # wrist, thumb CMC, index..pinky MCP: nearly rigid
@@ -33,7 +34,9 @@ def weighted_similarity(src: torch.Tensor, dst: torch.Tensor, w: torch.Tensor) -
     mu_d = (wn[..., None] * dst).sum(1)
     a, b = src - mu_s[:, None], dst - mu_d[:, None]
     cov = torch.einsum("bn,bni,bnj->bij", wn, b, a)
-    U, S, Vh = torch.linalg.svd(cov)
+    # LAPACK through numpy: ~50x less overhead than torch's batched SVD for 3x3 (no gradient needed:
+    # the frame is a function of the input keypoints only)
+    U, S, Vh = (torch.as_tensor(m, dtype=dst.dtype, device=dst.device) for m in np.linalg.svd(cov.detach().cpu().double().numpy()))
     d = torch.sign(torch.det(U) * torch.det(Vh))
     d = torch.where(d == 0, torch.ones_like(d), d)
     D = torch.ones_like(S)
@@ -125,31 +128,29 @@ def register_translation(
     x = (r1.(X+T) + t1) / (r3.(X+T) + t3) gives the linear rows (r1 - x r3).T = x (r3.X + t3) -
     (r1.X + t1); each iteration scales them by 1/depth (algebraic -> reprojection error) and by
     Cauchy weights of the reprojection residual with ``scale`` (normalised units, ~ px / focal)."""
+    # numpy float64: a few hundred tiny batched ops; LAPACK through numpy has far less per-op
+    # overhead than torch here, and nothing needs a gradient.
+    f64 = lambda a: a.detach().cpu().double().numpy()  # noqa: E731
     B, V, N, _ = obs.shape
-    dt = torch.float64
-    P, x, w = points.to(dt), obs.to(dt), weights.to(dt)
-    R = torch.eye(3, dtype=dt, device=P.device).expand(B, V, 3, 3) if R is None else R.to(dt)
-    t = torch.zeros(B, V, 3, dtype=dt, device=P.device) if t is None else t.to(dt)
-    cam = torch.einsum("bvij,bnj->bvni", R, P) + t[:, :, None]  # (B,V,N,3) points before T
-    r1, r2, r3 = R[:, :, 0], R[:, :, 1], R[:, :, 2]  # (B,V,3)
-    A = torch.stack([r1[:, :, None] - x[..., :1] * r3[:, :, None], r2[:, :, None] - x[..., 1:] * r3[:, :, None]], 3)  # (B,V,N,2,3)
-    rhs = x * cam[..., 2:3] - cam[..., :2]  # (B,V,N,2)
-    A, rhs = A.reshape(B, -1, 3), rhs.reshape(B, -1)
-    base_w = w[..., None].expand(B, V, N, 2).reshape(B, -1)
-    row_w = base_w.clone()
-    T = torch.zeros(B, 3, dtype=dt, device=P.device)
-    eye = torch.eye(3, dtype=dt, device=P.device)
+    P, x, w = f64(points), f64(obs), f64(weights)
+    R = np.broadcast_to(np.eye(3), (B, V, 3, 3)) if R is None else f64(R)
+    t = np.zeros((B, V, 3)) if t is None else f64(t)
+    cam = np.einsum("bvij,bnj->bvni", R, P) + t[:, :, None]  # (B,V,N,3) points before T
+    r1, r2, r3 = R[:, :, None, 0], R[:, :, None, 1], R[:, :, None, 2]  # (B,V,1,3)
+    A = np.stack([r1 - x[..., :1] * r3, r2 - x[..., 1:] * r3], 3).reshape(B, -1, 3)  # (B,V*N*2,3)
+    rhs = (x * cam[..., 2:3] - cam[..., :2]).reshape(B, -1)
+    row_w = np.repeat(w.reshape(B, -1), 2, axis=1)
+    T = np.zeros((B, 3))
     for _ in range(max(1, iterations)):
         Aw = A * row_w[..., None]
-        normal = Aw.transpose(1, 2) @ A
-        ridge = 1e-13 * normal.diagonal(dim1=1, dim2=2).sum(-1).clamp(min=1e-30)  # only guards singular systems
-        T = torch.linalg.solve(normal + ridge[:, None, None] * eye, (Aw * rhs[..., None]).sum(1))
-        depth = (cam[..., 2] + torch.einsum("bvi,bi->bv", r3, T)[..., None]).clamp(min=1e-6)  # (B,V,N)
-        res = (torch.einsum("bmi,bi->bm", A, T) - rhs).reshape(B, V, N, 2) / depth[..., None]
-        r2n = (res**2).sum(-1) / scale**2
-        robust = 1.0 / (1.0 + r2n)
-        row_w = (w * robust / depth**2)[..., None].expand(B, V, N, 2).reshape(B, -1)
-    return T.to(points.dtype)
+        normal = Aw.transpose(0, 2, 1) @ A
+        ridge = 1e-13 * np.maximum(np.trace(normal, axis1=1, axis2=2), 1e-30)  # only guards singular systems
+        T = np.linalg.solve(normal + ridge[:, None, None] * np.eye(3), (Aw * rhs[..., None]).sum(1)[..., None])[..., 0]
+        depth = np.maximum(cam[..., 2] + np.einsum("bvi,bi->bv", R[:, :, 2], T)[..., None], 1e-6)  # (B,V,N)
+        res = (np.einsum("bmi,bi->bm", A, T) - rhs).reshape(B, V, N, 2) / depth[..., None]
+        robust = 1.0 / (1.0 + (res**2).sum(-1) / scale**2)
+        row_w = np.repeat((w * robust / depth**2).reshape(B, -1), 2, axis=1)
+    return torch.as_tensor(T, dtype=points.dtype, device=points.device)
 
 
 # --------------------------------------------------------------------------------------- rotations

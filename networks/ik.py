@@ -46,26 +46,32 @@ class SwingIK(nn.Module):
         depth = [0] * 16
         for j in range(1, 16):
             depth[j] = depth[parents[j]] + 1
-        self.levels = [[j for j in range(1, 16) if depth[j] == d] for d in range(1, max(depth) + 1)]
-        self.parents = parents
+        levels = [[j for j in range(1, 16) if depth[j] == d] for d in range(1, max(depth) + 1)]
+        # Each level's parents are the previous level, finger by finger: one batched product per level.
+        for prev, level in zip(levels, levels[1:]):
+            if [parents[j] for j in level] != prev:
+                raise ValueError("SwingIK expects one chain per finger in the kinematic tree")
+        self.num_levels = len(levels)
+        for i, level in enumerate(levels):
+            m = [TREE_KEYPOINT[j - 1] for j in level]
+            self.register_buffer(f"_kp{i}", torch.tensor(m), persistent=False)
+            self.register_buffer(f"_child{i}", torch.tensor([k + 1 for k in m]), persistent=False)
+            self.register_buffer(f"_rest_dir{i}", rest[[k + 1 for k in m]] - rest[m], persistent=False)
+        order = [j for level in levels for j in level]
+        self.register_buffer("_unorder", torch.argsort(torch.tensor(order)), persistent=False)
 
     def forward(self, kp: torch.Tensor, vis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B = kp.shape[0]
-        pose = kp.new_zeros(B, 15, 3)
-        G: dict[int, torch.Tensor] = {0: torch.eye(3, dtype=kp.dtype, device=kp.device).expand(B, 3, 3)}
-        for level in self.levels:
-            m = [TREE_KEYPOINT[j - 1] for j in level]
-            c = [k + 1 for k in m]
-            Gp = torch.stack([G[self.parents[j]] for j in level], 1)  # (B,n,3,3)
-            obs = kp[:, c] - kp[:, m]
-            local = torch.einsum("bnji,bnj->bni", Gp, obs)
-            aa = swing((self.rest[c] - self.rest[m]).expand_as(local), local)
-            ok = (vis[:, m] * vis[:, c])[..., None] > 0
-            aa = torch.where(ok, aa, torch.zeros_like(aa))
-            R = Gp @ axis_angle_to_matrix(aa)
-            for i, j in enumerate(level):
-                pose[:, j - 1] = aa[:, i]
-                G[j] = R[:, i]
+        Gp = torch.eye(3, dtype=kp.dtype, device=kp.device).expand(B, 5, 3, 3)
+        aas = []
+        for i in range(self.num_levels):
+            m, c = getattr(self, f"_kp{i}"), getattr(self, f"_child{i}")
+            local = (Gp.transpose(-1, -2) @ (kp[:, c] - kp[:, m])[..., None])[..., 0]
+            aa = swing(getattr(self, f"_rest_dir{i}").expand_as(local), local)
+            aa = aa * (vis[:, m] * vis[:, c])[..., None]  # a missing end keeps the rest direction
+            Gp = Gp @ axis_angle_to_matrix(aa)
+            aas.append(aa)
+        pose = torch.cat(aas, 1)[:, self._unorder]
         with torch.no_grad():
             verts = self.model(kp.new_zeros(B, self.model.num_betas), pose).vertices
         return pose, verts

@@ -1,7 +1,8 @@
 """The GCN predictor as a library: load the committed weights, predict hands from keypoints.
 
-``GCNPredictor.load()`` holds two :class:`HandMeshGCN` networks, one for 3D keypoints (multi-view,
-after triangulation) and one for 2D keypoints of one view; both see right hands in a normalised
+``GCNPredictor.load()`` holds the mesh network for 3D keypoints (multi-view, after triangulation;
+networks/gcn.py) and the keypoint lifter for 2D keypoints of one view (networks/lifter.py), whose
+root-relative 3D keypoints go through the same mesh network. Both see right hands in a normalised
 frame (networks/geometry.py). Left hands are mirrored (x-flip of world or camera coordinates)
 before the network and their outputs mirrored back with ``handmodel.mirror_params``'s rule.
 Outputs are hand-model parameters in the world frame (so a fit can start from them) and the GCN's
@@ -33,6 +34,7 @@ from .geometry import (
 )
 from .hierarchy import HIERARCHY_FILE, MeshHierarchy
 from .ik import SwingIK
+from .lifter import KeypointLifter, LifterConfig
 
 WEIGHTS_FILE = Path(__file__).resolve().parent / "data" / "gcn_weights.pt"
 WEIGHTS_FORMAT = "handrecon.gcn/1"
@@ -48,24 +50,17 @@ def hierarchy_digest(h: MeshHierarchy) -> str:
     return m.hexdigest()[:16]
 
 
-def frame_template(branch: str, model: handmodel.HandModel, palm_size: float) -> np.ndarray:
-    """Initial per-vertex bias of a branch: the mean hand in the 3D palm frame; zero for 2D, whose
-    frame (the camera's) has no preferred hand orientation."""
-    if branch == "3d":
-        return (model.template.double().numpy() / palm_size).astype(np.float32)
-    return np.zeros((model.num_vertices, 3), np.float32)
-
-
 def build_network(branch: str, hierarchy: MeshHierarchy, model: handmodel.HandModel, cfg: GCNConfig | None = None) -> HandMeshGCN:
-    """A fresh network for ``branch`` ('3d' | '2d') on the right built-in hand."""
-    if branch not in BRANCHES:
-        raise ValueError(f"branch {branch!r}; expected one of {BRANCHES}")
-    cfg = cfg or GCNConfig(in_dim=3 if branch == "3d" else 2, ik=branch == "3d")
+    """A fresh mesh network on the right built-in hand. Only the 3D branch has one: the 2D branch
+    lifts its keypoints to 3D (networks/lifter.py) and reuses it."""
+    if branch != "3d":
+        raise ValueError(f"branch {branch!r} has no mesh network; the 2D branch is a KeypointLifter")
+    cfg = cfg or GCNConfig(in_dim=3, ik=True)
     with torch.no_grad():
         rest = model(torch.zeros(1, model.num_betas)).joints[0].double().numpy()
     palm = float(np.linalg.norm(rest[9] - rest[0]))
-    ik = SwingIK(model) if cfg.ik else None
-    return HandMeshGCN(hierarchy, cfg, frame_template(branch, model, palm), rest / palm, ik)
+    template = (model.template.double().numpy() / palm).astype(np.float32)  # the mean hand in the palm frame
+    return HandMeshGCN(hierarchy, cfg, template, rest / palm, SwingIK(model) if cfg.ik else None)
 
 
 @dataclass
@@ -82,7 +77,7 @@ class Prediction:
 class GCNPredictor:
     """Both branches, the hierarchy and the right/left built-in hand models."""
 
-    def __init__(self, nets: dict[str, HandMeshGCN], meta: dict | None = None, device: str | torch.device = "cpu") -> None:
+    def __init__(self, nets: dict[str, torch.nn.Module], meta: dict | None = None, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
         self.nets = {k: n.to(self.device).eval() for k, n in nets.items()}
         self.meta = meta or {}
@@ -104,9 +99,15 @@ class GCNPredictor:
         if blob.get("hierarchy") != hierarchy_digest(hierarchy):
             raise ValueError(f"{path} was trained on another mesh hierarchy; retrain or restore networks/data/hand_hierarchy.npz")
         model = handmodel.load("builtin", "right")
-        nets = {}
+        nets: dict[str, torch.nn.Module] = {}
+        missing = [b for b in BRANCHES if b not in blob["state"]]
+        if missing:
+            raise ValueError(f"{path} lacks the {missing} branch; train it with scripts/train_gcn.py --branches {','.join(missing)}")
         for branch, state in blob["state"].items():
-            net = build_network(branch, hierarchy, model, GCNConfig(**blob["configs"][branch]))
+            if branch == "3d":
+                net = build_network(branch, hierarchy, model, GCNConfig(**blob["configs"][branch]))
+            else:
+                net = KeypointLifter(LifterConfig(**blob["configs"][branch]))
             net.load_state_dict(state)
             nets[branch] = net
         return GCNPredictor(nets, blob.get("meta", {}), device)
@@ -127,6 +128,14 @@ class GCNPredictor:
         joints = self.models[side](params).joints
         return params, joints
 
+    def _mesh_from_3d(self, kp: torch.Tensor, vis: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Right-hand 3D keypoints (any frame) -> network outputs, the palm frame's rotation and
+        the GCN vertices in the input frame."""
+        R, o, s = canonical_frame_3d(kp, vis, self.rest_joints, self.palm_size)
+        x = to_canonical_3d(kp, R, o, s) * vis[..., None]
+        out = self.nets["3d"](x, vis, torch.log(s / self.palm_size)[:, None])
+        return out, R, from_canonical_3d(out["vertices"], R, o, s)
+
     @torch.no_grad()
     def predict_3d(self, keypoints: torch.Tensor, valid: torch.Tensor, side: str) -> Prediction:
         """From 3D keypoints (B,21,3) world metres and ``valid`` (B,21) (at least 3 valid joints)."""
@@ -134,15 +143,10 @@ class GCNPredictor:
         t0 = time.perf_counter()
         kp = torch.as_tensor(keypoints, dtype=torch.float32, device=self.device)
         vis = torch.as_tensor(valid, dtype=torch.float32, device=self.device)
+        flip = torch.tensor([-1.0, 1.0, 1.0], device=self.device)
+        out, R, verts = self._mesh_from_3d(kp * flip if side == "left" else kp, vis)
         if side == "left":
-            kp = kp * torch.tensor([-1.0, 1.0, 1.0], device=self.device)
-        R, o, s = canonical_frame_3d(kp, vis, self.rest_joints, self.palm_size)
-        x = to_canonical_3d(kp, R, o, s) * vis[..., None]
-        out = self.nets["3d"](x, vis, torch.log(s / self.palm_size)[:, None])
-        verts = from_canonical_3d(out["vertices"], R, o, s)
-        if side == "left":
-            verts = verts * torch.tensor([-1.0, 1.0, 1.0], device=self.device)
-            kp = kp * torch.tensor([-1.0, 1.0, 1.0], device=self.device)
+            verts = verts * flip
         params, joints = self._finish(side, out, R)
         # translation: least squares of the model joints onto the valid keypoints
         w = vis / vis.sum(1, keepdim=True).clamp(min=1.0)
@@ -179,19 +183,20 @@ class GCNPredictor:
         flip = torch.tensor([-1.0, 1.0], device=dev)
         xy_in = xy * flip if side == "left" else xy
         R_virt, x, half = virtual_crop(xy_in, vis)
-        out = self.nets["2d"](x, vis, torch.log(half)[:, None])
-        # network frame -> (mirrored) camera -> camera -> world, for the GCN mesh and the params
+        lifted = self.nets["2d"](x, vis, torch.log(half)[:, None]) * self.palm_size  # virtual camera axes, wrist at 0
+        out, R_frame, verts_virt = self._mesh_from_3d(lifted, torch.ones_like(vis))
+        # palm frame -> virtual camera -> (mirrored) camera -> camera -> world
         M = mirror_matrix(device=dev)
-        to_cam = R_virt.transpose(1, 2)
-        verts_cam = torch.einsum("bij,bnj->bni", to_cam, out["vertices"] * self.palm_size)
+        to_cam = R_virt.transpose(1, 2) @ R_frame
+        verts_cam = torch.einsum("bij,bnj->bni", R_virt.transpose(1, 2), verts_virt)
         if side == "left":
             verts_cam = verts_cam @ M
         # _finish mirrors R_to_world @ rotation; pass the camera->world part after mirroring
         if side == "left":
-            params, _ = self._finish(side, out, M @ R_cam.transpose(1, 2) @ M @ to_cam)
+            params, joints_rel = self._finish(side, out, M @ R_cam.transpose(1, 2) @ M @ to_cam)
         else:
-            params, _ = self._finish(side, out, R_cam.transpose(1, 2) @ to_cam)
-        joints_rel = self.models[side](params).joints  # world axes, wrist at the origin
+            params, joints_rel = self._finish(side, out, R_cam.transpose(1, 2) @ to_cam)
+        # joints_rel: world axes, wrist at the origin
         if views is None:
             obs = xy[:, None]
             w = vis[:, None]

@@ -174,3 +174,39 @@ class PairSampler:
         )
         truth = {"K": K, "uv": uv_obs, "uv_clean": uv, "joints_cam": joints_cam, "verts_cam": verts_cam, "R_virt": R_virt, "wrist_cam": T}
         return pair, truth
+
+    # ------------------------------------------------------------------------- lifter (joints only)
+    def joint_pool(self, n: int, chunk: int = 1000) -> torch.Tensor:
+        """(n,21,3) local joints (wrist at the origin, no global rotation) of random hands: the
+        lifter's training pool; each use draws a fresh rotation, camera, noise and misses."""
+        out = []
+        for i in range(0, n, chunk):
+            out.append(self.hands(min(chunk, n - i))["joints"])
+        return torch.cat(out)
+
+    def lift_batch(
+        self,
+        joints_local: torch.Tensor,
+        mode: str = "train",
+        noise_rel: tuple[float, float] = (0.0, 0.03),
+        miss_fraction: float = 0.3,
+        miss_rate: float = 0.15,
+        noise_px: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Lifter inputs and targets for local joints (B,21,3): ``x`` (B,21,2), ``vis``, ``extra``
+        and root-relative joints in the virtual camera's axes in palm lengths (B,21,3)."""
+        B = joints_local.shape[0]
+        R = random_rotations(B, self.g)
+        K, T = self.cameras(B, mode)
+        joints_rel = joints_local @ R.transpose(1, 2)
+        uvw = (joints_rel + T[:, None]) @ K.transpose(1, 2)
+        uv = uvw[..., :2] / uvw[..., 2:3]
+        size_px = 0.18 * K[:, 0, 0] / T[:, 2]
+        sigma = (noise_rel[0] + (noise_rel[1] - noise_rel[0]) * self._u(B)) * size_px
+        if noise_px is not None:
+            sigma = torch.full((B,), float(noise_px))
+        uv = uv + sigma[:, None, None] * self._n(B, 21, 2)
+        vis = self._misses(B, miss_fraction, miss_rate)
+        R_virt, x, half = virtual_crop(normalised_image_coords(uv, K), vis)
+        target = torch.einsum("bij,bnj->bni", R_virt, joints_rel) / self.palm_size
+        return x, vis, torch.log(half)[:, None], target

@@ -3,16 +3,20 @@
     python scripts/train_gcn.py --config small          # CPU, the committed weights
     python scripts/train_gcn.py --config full --device cuda
 
-Both branches (3D keypoints, 2D keypoints of one view) train in one loop, one batch each per step.
-Losses per branch, in the branch's normalised frame: L1 on the GCN vertices, an edge-length term,
-L1 of the hand model driven by the predicted parameters against the true vertices and joints, a
-consistency term of that model mesh against the (detached) GCN mesh, and small direct terms on
-betas, hand_pose and the wrist rotation (they disambiguate what the mesh alone leaves free).
+The branches train one after the other:
+- ``3d``: the mesh network (swing-IK prior + spiral decoder + parameter head) on 3D keypoints in
+  the palm frame. Losses, in that frame: L1 on the GCN vertices, an edge-length term, L1 of the
+  hand model driven by the predicted parameters against the true vertices and joints, a
+  consistency term of that model mesh against the (detached) GCN mesh, and small direct terms on
+  betas, hand_pose and the wrist rotation (they disambiguate what the mesh alone leaves free).
+- ``2d``: the keypoint lifter (networks/lifter.py) on 2D keypoints of random cameras, L1 on the
+  root-relative 3D keypoints; at inference its output feeds the 3D branch.
 
-Checkpoints (``--ckpt``, every ``--ckpt-every`` steps and at the end) hold the networks, optimisers,
-schedules and the samplers' generator states, so ``--resume`` continues the same run. The
-validation split uses its own seed (``--val-seed``); evaluation (scripts/eval_gcn.py) another one.
-At the end the weights go to ``--out`` with the configs, the command and the validation numbers.
+Checkpoints (``--ckpt-dir``, every ``--ckpt-every`` steps and at the end) hold the networks,
+optimisers, schedules and the samplers' generator states, so ``--resume`` continues the same run.
+The validation split uses its own seed (``--val-seed``); evaluation (scripts/eval_gcn.py) another
+one. At the end the weights go to ``--out`` (branches not trained in this run are kept from an
+existing file) with the configs, the command and the validation numbers.
 """
 from __future__ import annotations
 
@@ -34,13 +38,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import handmodel  # noqa: E402
 from fitting import metrics as M  # noqa: E402
 from networks.gcn import HandMeshGCN  # noqa: E402
+from networks.lifter import KeypointLifter, LifterConfig  # noqa: E402
 from networks.hierarchy import MeshHierarchy  # noqa: E402
 from networks.predictor import BRANCHES, WEIGHTS_FILE, WEIGHTS_FORMAT, build_network, hierarchy_digest  # noqa: E402
 from networks.synthetic_pairs import Pair, PairSampler  # noqa: E402
 
 CONFIGS = {
-    "small": {"steps": 2200, "batch": 32, "lr": 2e-3, "val_every": 200, "val_size": 256},
-    "full": {"steps": 60000, "batch": 256, "lr": 1e-3, "val_every": 2000, "val_size": 2048},
+    "small": {"steps": 2000, "batch": 32, "lr": 2e-3, "val_every": 250, "val_size": 256,
+              "lift_steps": 12000, "lift_batch": 128, "lift_lr": 1e-3, "lift_pool": 60000},
+    "full": {"steps": 60000, "batch": 256, "lr": 1e-3, "val_every": 2000, "val_size": 2048,
+             "lift_steps": 200000, "lift_batch": 1024, "lift_lr": 1e-3, "lift_pool": 1000000},
 }
 WEIGHTS = {"vertices": 1.0, "edges": 1.0, "param_vertices": 1.0, "param_joints": 1.0, "consistency": 0.2, "betas": 0.002, "hand_pose": 0.05, "rotation": 0.1}
 TRAIN_SEED_3D, TRAIN_SEED_2D = 1000, 2000
@@ -77,11 +84,9 @@ def mesh_edges(faces: torch.Tensor) -> torch.Tensor:
 
 
 def val_batches(model: handmodel.HandModel, seed: int, n: int) -> dict[str, Pair]:
-    """Held-out validation pairs: clean 3D keypoints; one scene-like view with 3 px noise."""
+    """Held-out validation pairs of the mesh branch: clean 3D keypoints."""
     s = PairSampler(model, seed)
-    p3 = s.batch_3d(n, noise_mm=(0.0, 0.0), miss_fraction=0.0)
-    p2, _ = s.batch_2d(n, mode="scene", noise_px=(3.0, 3.0), miss_fraction=0.0)
-    return {"3d": p3, "2d": p2}
+    return {"3d": s.batch_3d(n, noise_mm=(0.0, 0.0), miss_fraction=0.0)}
 
 
 @torch.no_grad()
@@ -128,19 +133,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, help="override the config's batch size (per branch)")
     ap.add_argument("--lr", type=float, help="override the config's peak learning rate")
     ap.add_argument("--val-every", type=int, help="override the config's validation interval (steps)")
+    ap.add_argument("--lift-steps", type=int, help="override the config's lifter steps")
+    ap.add_argument("--lift-pool", type=int, help="override the config's lifter pool size")
     ap.add_argument("--branches", default="3d,2d", help="comma list of branches to train")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)")
     ap.add_argument("--seed", type=int, default=0, help="initialisation seed; training data use fixed seeds per branch")
     ap.add_argument("--val-seed", type=int, default=1, help="validation split seed (never used for training)")
-    ap.add_argument("--ckpt", default="runs/gcn_train/checkpoint.pt", help="resumable checkpoint")
+    ap.add_argument("--ckpt-dir", default="runs/gcn_train", help="resumable checkpoints checkpoint_3d.pt / checkpoint_2d.pt")
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--resume", action="store_true", help="continue from --ckpt")
     ap.add_argument("--out", default=str(WEIGHTS_FILE), help="final weights")
     ap.add_argument("--time-limit", type=float, default=0.0, help="stop (checkpointed, resumable) after this many minutes; 0 = none")
+    ap.add_argument("--merge", nargs="+", metavar="WEIGHTS", help="no training: combine the branches of these weight files into --out")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge_weights([Path(p) for p in args.merge], Path(args.out))
     cfg = dict(CONFIGS[args.config])
-    for k in ("steps", "batch", "lr", "val_every"):
+    for k in ("steps", "batch", "lr", "val_every", "lift_steps", "lift_pool"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
@@ -155,18 +165,69 @@ def main(argv: list[str] | None = None) -> int:
     model = handmodel.load("builtin", "right").to(device)
     model_cpu = handmodel.load("builtin", "right")
     hierarchy = MeshHierarchy.load()
+    out = Path(args.out)
+    results: dict[str, dict] = {}
+    if "3d" in branches:
+        r = train_mesh(args, cfg, device, model, model_cpu, hierarchy)
+        if r is None:
+            return 0  # stopped by the time limit; resumable
+        results["3d"] = r
+    if "2d" in branches:
+        r = train_lifter(args, cfg, device, model_cpu)
+        if r is None:
+            return 0
+        results["2d"] = r
+    blob = {"format": WEIGHTS_FORMAT, "hierarchy": hierarchy_digest(hierarchy), "configs": {}, "state": {}, "meta": {}}
+    if out.is_file():  # keep the branches this run did not train
+        old = torch.load(out, map_location="cpu", weights_only=True)
+        if old.get("format") == WEIGHTS_FORMAT and old.get("hierarchy") == blob["hierarchy"]:
+            blob = old
+    for b, r in results.items():
+        blob["configs"][b] = r["config"]
+        blob["state"][b] = r["state"]
+        blob["meta"][b] = {"command": command, "config": json.dumps(cfg), "minutes": round(r["minutes"], 1), "validation": json.dumps(r["validation"])}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(blob, out)
+    print(f"weights -> {out} ({out.stat().st_size / 1e6:.1f} MB); " + "; ".join(f"{b}: {r['minutes']:.1f} min, {json.dumps(r['validation'])}" for b, r in results.items()))
+    return 0
+
+
+def merge_weights(paths: list[Path], out: Path) -> int:
+    """One weights file from branch files trained separately (later files win per branch)."""
+    blob: dict = {"format": WEIGHTS_FORMAT, "hierarchy": None, "configs": {}, "state": {}, "meta": {}}
+    for p in paths:
+        b = torch.load(p, map_location="cpu", weights_only=True)
+        if b.get("format") != WEIGHTS_FORMAT:
+            raise SystemExit(f"{p} is not a GCN weights file")
+        if blob["hierarchy"] not in (None, b["hierarchy"]):
+            raise SystemExit(f"{p} was trained on another mesh hierarchy")
+        blob["hierarchy"] = b["hierarchy"]
+        for branch in b["state"]:
+            blob["configs"][branch] = b["configs"][branch]
+            blob["state"][branch] = b["state"][branch]
+            meta = b.get("meta", {})
+            blob["meta"][branch] = meta.get(branch, meta)  # files from single-branch runs keep a flat record
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(blob, out)
+    print(f"weights -> {out} ({out.stat().st_size / 1e6:.1f} MB): branches {sorted(blob['state'])}")
+    return 0
+
+
+def train_mesh(args: argparse.Namespace, cfg: dict, device: torch.device, model: handmodel.HandModel, model_cpu: handmodel.HandModel, hierarchy: MeshHierarchy) -> dict | None:
+    """The 3D branch's mesh network; returns its config, weights, minutes and last validation."""
+    branches = ["3d"]
     nets = {b: build_network(b, hierarchy, model_cpu).to(device) for b in branches}
     opts = {b: torch.optim.Adam(nets[b].parameters(), lr=cfg["lr"]) for b in branches}
     warmup = max(1, cfg["steps"] // 50)
     scheds = {b: torch.optim.lr_scheduler.LambdaLR(opts[b], lambda s: lr_factor(s, cfg["steps"], warmup)) for b in branches}
-    samplers = {"3d": PairSampler(model_cpu, TRAIN_SEED_3D + args.seed), "2d": PairSampler(model_cpu, TRAIN_SEED_2D + args.seed)}
+    samplers = {"3d": PairSampler(model_cpu, TRAIN_SEED_3D + args.seed)}
     edges = mesh_edges(model.faces)
     val = val_batches(model_cpu, args.val_seed, cfg["val_size"])
     start, elapsed, history = 0, 0.0, []
-    ckpt = Path(args.ckpt)
+    ckpt = Path(args.ckpt_dir) / "checkpoint_3d.pt"
     if args.resume:
         if not ckpt.is_file():
-            ap.error(f"--resume: no checkpoint at {ckpt}")
+            raise SystemExit(f"--resume: no checkpoint at {ckpt}")
         c = torch.load(ckpt, map_location="cpu", weights_only=True)
         for b in branches:
             nets[b].load_state_dict(c["nets"][b])
@@ -186,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         }, tmp)
         os.replace(tmp, ckpt)
 
-    bar = tqdm(range(start, cfg["steps"]), initial=start, total=cfg["steps"], desc="gcn", dynamic_ncols=True)
+    bar = tqdm(range(start, cfg["steps"]), initial=start, total=cfg["steps"], desc="gcn 3d", dynamic_ncols=True)
     t_last = time.time()
     last: dict[str, float] = {}
     stopped_early = False
@@ -224,21 +285,87 @@ def main(argv: list[str] | None = None) -> int:
             stopped_early = True
             break
     if stopped_early:
-        return 0
+        return None
+    return {"config": nets["3d"].cfg.to_dict(), "state": {k: v.detach().cpu() for k, v in nets["3d"].state_dict().items()},
+            "minutes": elapsed / 60, "validation": history[-1] if history else {}}
 
-    final = history[-1] if history else {}
-    blob = {
-        "format": WEIGHTS_FORMAT,
-        "hierarchy": hierarchy_digest(hierarchy),
-        "configs": {b: nets[b].cfg.to_dict() for b in branches},
-        "state": {b: {k: v.detach().cpu() for k, v in nets[b].state_dict().items()} for b in branches},
-        "meta": {"command": command, "config": json.dumps(cfg), "steps": cfg["steps"], "minutes": round(elapsed / 60, 1), "validation": json.dumps(final)},
+
+@torch.no_grad()
+def validate_lifter(net: KeypointLifter, val: tuple[torch.Tensor, ...], palm: float, device: torch.device) -> dict[str, float]:
+    """Root-relative MPJPE and PA-MPJPE (mm) of the lifted keypoints on the validation split."""
+    net.eval()
+    x, vis, extra, target = val
+    pred = net(x.to(device), vis.to(device), extra.to(device)).cpu() * palm
+    gt = target * palm
+    net.train()
+    return {
+        "2d/lift_mpjpe_mm": float((pred - gt).norm(dim=-1).mean() * 1000),
+        "2d/lift_pa_mpjpe_mm": float(np.mean([M.pa_mpjpe(pred[i], gt[i]) for i in range(min(256, len(gt)))])),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(blob, out)
-    print(f"weights -> {out} ({out.stat().st_size / 1e6:.1f} MB) after {elapsed / 60:.1f} min; validation {json.dumps(final)}")
-    return 0
+
+
+def train_lifter(args: argparse.Namespace, cfg: dict, device: torch.device, model_cpu: handmodel.HandModel) -> dict | None:
+    """The 2D branch's keypoint lifter, on a pool of hands re-posed, re-viewed and re-noised per
+    batch; returns its config, weights, minutes and last validation."""
+    sampler = PairSampler(model_cpu, TRAIN_SEED_2D + args.seed)
+    pool = sampler.joint_pool(cfg["lift_pool"])
+    vs = PairSampler(model_cpu, args.val_seed + 500)
+    val = vs.lift_batch(vs.joint_pool(cfg["val_size"]), mode="scene", miss_fraction=0.0, noise_px=3.0)
+    torch.manual_seed(args.seed + 1)
+    net = KeypointLifter(LifterConfig()).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg["lift_lr"])
+    steps = cfg["lift_steps"]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, max(1, steps // 50)))
+    ckpt = Path(args.ckpt_dir) / "checkpoint_2d.pt"
+    start, elapsed, history = 0, 0.0, []
+    if args.resume and ckpt.is_file():
+        c = torch.load(ckpt, map_location="cpu", weights_only=True)
+        net.load_state_dict(c["net"])
+        opt.load_state_dict(c["opt"])
+        sched.load_state_dict(c["sched"])
+        sampler.g.set_state(c["generator"])
+        start, elapsed, history = int(c["step"]), float(c["elapsed"]), json.loads(c["history"])
+        print(f"lifter resumed at step {start}")
+
+    def save_ckpt(step: int) -> None:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save({"step": step, "elapsed": elapsed, "history": json.dumps(history), "net": net.state_dict(), "opt": opt.state_dict(),
+                    "sched": sched.state_dict(), "generator": sampler.g.get_state()}, tmp)
+        os.replace(tmp, ckpt)
+
+    val_every = max(1, cfg["val_every"] * 4)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="gcn 2d lifter", dynamic_ncols=True)
+    t_last = time.time()
+    for step in bar:
+        idx = torch.randint(0, len(pool), (cfg["lift_batch"],), generator=sampler.g)
+        x, vis, extra, target = (t.to(device) for t in sampler.lift_batch(pool[idx]))
+        pred = net(x, vis, extra)
+        loss = (pred - target).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        now = time.time()
+        elapsed += now - t_last
+        t_last = now
+        bar.set_postfix(l1_mm=f"{loss.item() * sampler.palm_size * 1000:.2f}")
+        done = step + 1
+        if done % val_every == 0 or done == steps:
+            r = validate_lifter(net, val, sampler.palm_size, device)
+            r["step"], r["minutes"] = done, elapsed / 60
+            history.append(r)
+            tqdm.write(json.dumps({k: round(v, 2) for k, v in r.items()}))
+            t_last = time.time()
+        if done % (args.ckpt_every * 4) == 0 or done == steps:
+            save_ckpt(done)
+        if args.time_limit and elapsed / 60 > args.time_limit and done < steps:
+            save_ckpt(done)
+            tqdm.write(f"time limit reached at step {done}; resume with --resume")
+            return None
+    return {"config": net.cfg.to_dict(), "state": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+            "minutes": elapsed / 60, "validation": history[-1] if history else {}}
 
 
 if __name__ == "__main__":
