@@ -23,6 +23,7 @@ import torch
 import handmodel
 from capture.scan import Scan
 from fitting.geometry import matrix_to_axis_angle, projection_matrices, similarity_transform
+from fitting.pipeline import progress
 from fitting.pose_fit import image_scale
 from fitting.state import State
 from handmodel.joint_orders import PARENTS
@@ -237,7 +238,7 @@ def _optimise(
                 groups.append({"params": [t], "lr": lr * scale})
     active = {k: w for k, w in weights.items() if w > 0}
     terms: dict[str, torch.Tensor] = {}
-    bar = _progress(range(iterations), desc)
+    bar = progress(range(iterations), desc)
     steps = iter(bar)
 
     def closure() -> torch.Tensor:
@@ -248,8 +249,7 @@ def _optimise(
         loss = sum(active[k] * v for k, v in terms.items())
         loss.backward()
         next(steps, None)
-        if hasattr(bar, "losses"):
-            bar.losses(total=loss.detach(), **{k: v.detach() for k, v in terms.items()})
+        bar.losses(total=loss.detach(), **{k: v.detach() for k, v in terms.items()})
         return loss
 
     opt = torch.optim.Adam(groups, lr=lr)
@@ -402,14 +402,8 @@ def _load_model(name: str, side: str, device: torch.device) -> Any:
     return model.to(device) if hasattr(model, "to") else model
 
 
-def _progress(it: range, desc: str) -> Any:
-    try:
-        from fitting.pipeline import progress
-    except ImportError:  # the pipeline module is optional for library use
-        from tqdm import tqdm
-
-        return tqdm(it, desc=desc, leave=False)
-    return progress(it, desc)
+# the later fitting stages (silhouette_fit, ham) draw their bars through this module too
+_progress = progress
 
 
 def _metrics(

@@ -18,6 +18,8 @@ joints far off. So the labels are treated as hints only:
 
 The inlier threshold is a fraction of each view's image diagonal, so it means the same at any
 resolution the scan was loaded at; reported errors are in pixels of the original image size.
+A detection assigned to no hand (the second label on one hand, a detection no other view
+confirms) is left out of ``state.assignment`` and listed in the metrics' ``discarded_detections``.
 """
 from __future__ import annotations
 
