@@ -5,14 +5,20 @@ Architecture (in the spirit of Pose2Mesh, FMHR's joints-to-mesh GCN and CMR/MobR
 1. Keypoint encoder: a global MLP over all keypoints (context: which joints are missing, overall
    pose) and per-joint features refined by residual graph convolutions on the skeleton.
 2. Lifting to the coarsest mesh level (101 vertices): a learned joints -> vertices mixing matrix,
-   initialised to a soft nearest-joint assignment on the template, plus a per-vertex embedding
-   and the global feature.
-3. Decoder: spiral convolution at the coarsest level, then four (barycentric up-sample ->
-   depth-separable spiral conv) stages up to 1609 vertices, a spiral-conv head to xyz, plus a
-   learnable per-vertex bias initialised to the mean shape in the input frame.
+   initialised to a soft nearest-joint assignment on the template, plus a per-vertex embedding,
+   the global feature and (``cfg.ik``) the coordinates of the swing-IK posed mean hand
+   (networks/ik.py) at those vertices.
+3. Decoder: a depth-separable spiral conv (DSConv) at the coarsest level, then (barycentric
+   up-sample -> DSConv) stages up to level 1 (805 vertices), a linear + up-sample to 1609
+   vertices, a spiral-conv head to xyz, plus a learnable per-vertex bias; with ``cfg.ik`` the
+   output is a residual on the IK mesh, else the bias starts at the mean shape.
 4. Parameter head: an MLP on the global feature and the predicted mesh down-sampled to 403
-   vertices, giving betas, hand_pose (axis-angle), the wrist rotation (6D) and a translation in
-   the input frame; trained so the hand model driven by them reproduces the mesh.
+   vertices, giving betas, hand_pose (axis-angle, a residual on the IK pose with ``cfg.ik``), the
+   wrist rotation (6D) and a translation in the input frame; trained so the hand model driven by
+   them reproduces the mesh.
+
+The 3D branch uses this network with ``cfg.ik``; the 2D branch lifts its keypoints to 3D first
+(networks/lifter.py) and reuses it.
 
 All coordinates are in the normalised input frame (networks/geometry.py); the wrapper in
 networks/predictor.py maps in and out of it.
