@@ -272,7 +272,7 @@ def train_mesh(args: argparse.Namespace, cfg: dict, device: torch.device, model:
         t_last = now
         done = step + 1
         if done % cfg["val_every"] == 0 or done == cfg["steps"]:
-            r = validate(nets, model_cpu if device.type == "cpu" else model, val, device)
+            r = validate(nets, model_cpu, val, device)
             r["step"], r["minutes"] = done, elapsed / 60
             history.append(r)
             tqdm.write(json.dumps({k: round(v, 2) for k, v in r.items()}))
