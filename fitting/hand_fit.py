@@ -50,6 +50,11 @@ class HandFitConf:
     betas_lr_scale: float = 10.0  # Adam steps of betas (units of their std) relative to the rotations'
     joint_weights: list[float] = field(default_factory=lambda: [1.0] * 21)  # per joint of the data terms
     ik_init: bool = True  # finger rotations from the 3D keypoints before optimising
+    # Schedule when an initializer (the GCN ``init`` stage) left parameters: a close start needs no
+    # global phase and smaller first Adam steps, which would otherwise undo it.
+    warm_iterations_global: int = 0
+    warm_iterations_full: int = 75
+    warm_lr_full: float = 0.005
     weights: dict[str, float] = field(
         default_factory=lambda: {"keypoints3d": 1.0, "reprojection": 1.0, "pose_prior": 0.002, "shape_prior": 0.001}
     )
@@ -197,16 +202,21 @@ def run(scan: Scan, state: State, conf: Mapping[str, Any] | None) -> State:
     joint_w = torch.as_tensor(cfg.joint_weights, dtype=torch.float32, device=device)
     ctx = FitContext(scan, state, cfg, scale, P, targets, joint_w, prior)
 
+    warm = bool(sides) and all(s in state.params for s in sides)
     params = {s: initial_params(models[s], state, s, targets[s], device, cfg.ik_init, prior[s]) for s in sides}
+    it_global, it_full, lr_full = (
+        (cfg.warm_iterations_global, cfg.warm_iterations_full, cfg.warm_lr_full) if warm
+        else (cfg.iterations_global, cfg.iterations_full, cfg.lr_full)
+    )
     losses: dict[str, float] = {}
     if sides:
         palm = torch.zeros(21, device=device)
         palm[list(PALM_JOINTS)] = 1.0
         ctx.joint_mask = palm * joint_w
-        _optimise(ctx, models, params, ("global_orient", "transl"), cfg.iterations_global, cfg.lr_global,
+        _optimise(ctx, models, params, ("global_orient", "transl"), it_global, cfg.lr_global,
                   {k: w for k, w in cfg.weights.items() if k in ("keypoints3d", "reprojection")}, "hand_fit global")
         ctx.joint_mask = joint_w
-        losses = _optimise(ctx, models, params, PARAM_NAMES, cfg.iterations_full, cfg.lr_full, cfg.weights,
+        losses = _optimise(ctx, models, params, PARAM_NAMES, it_full, lr_full, cfg.weights,
                            "hand_fit full")
     for s in sides:
         state.params[s] = params[s].detach().to("cpu")
