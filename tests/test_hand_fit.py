@@ -74,7 +74,7 @@ def test_given_initialisation_is_used(fitted):
     state1 = State(keypoints3d=state.keypoints3d, keypoints3d_valid=state.keypoints3d_valid,
                    assignment=state.assignment, accepted=state.accepted,
                    params={s: p.detach() for s, p in gt.items()})
-    out = hand_fit.run(synth.scan, state1, {"hand_fit": {"iterations_global": 0, "iterations_full": 0}})
+    out = hand_fit.run(synth.scan, state1, {"hand_fit": {"warm_iterations_global": 0, "warm_iterations_full": 0}})
     for side in ("left", "right"):
         torch.testing.assert_close(out.params[side].hand_pose, gt[side].hand_pose)
         assert out.metrics["hand_fit"]["sides"][side]["mpjpe_mm"] < 1e-3
