@@ -4,7 +4,9 @@
 ``Scan`` of simulated detections (noise, missed joints, missed hands, swapped labels, outliers);
 ``write_synthetic`` writes that scan in the FMHR layout plus its ground truth, ``read_synthetic``
 reads both back. Generation and writing are separate so renderers can add images and masks to
-the generated scan before it is written.
+the generated scan before it is written: ``synthetic.render.render_scan`` gives every view a photo
+and a mask of detailed hands (``synthetic.appearance``) and records what it used in
+``SyntheticScan.appearance``, which ``write_synthetic`` then stores too.
 
 Ground-truth layout, under ``<data_path>/<scan_id>/gt/``::
 
@@ -15,7 +17,17 @@ Ground-truth layout, under ``<data_path>/<scan_id>/gt/``::
                     "swapped_views": [...], "duplicated_views": [...],
                     "missing_hands": [[view, side], ...], "outliers": [[view, side, joint], ...],
                     "noise_px": float}
-    mesh_<side>.ply   the true posed mesh (world metres)
+    mesh_<side>.ply   the true mesh (world metres): the posed model mesh for a keypoint-only scan;
+                      for a rendered scan the fine mesh (model mesh Loop-subdivided twice and
+                      displaced by creases and skin relief) with its albedo as sRGB vertex colours
+    base_<side>.ply   rendered scans: the posed model mesh without the detail
+    albedo_<side>.png rendered scans: albedo texture (sRGB) in the model's UV atlas, subdivided
+                      like the mesh (uv of ``synthetic.render.subdivision``; PNG top row = v 1)
+    appearance.json   rendered scans: SH lighting (9x3, linear), lights, skin and background
+                      parameters, displacement statistics (``synthetic.render.load_appearance``)
+
+``load_gt`` / ``read_synthetic`` put the meshes of ``mesh_<side>.ply`` in ``scan.gt.vertices`` /
+``faces``, so for a rendered scan they hold the fine meshes the photos were made from.
 
 World frame: OpenCV-like, y down; the person stands at -z facing +z, so their right is +x; the
 hands are in front of them around the origin, fingers roughly forward (+z), palms roughly down.
@@ -63,6 +75,7 @@ class SyntheticScan:
     missing_hands: list[tuple[str, str]] = field(default_factory=list)
     outliers: list[tuple[str, str, int]] = field(default_factory=list)  # (view, true side, joint)
     noise_px: float = 0.0
+    appearance: Any = None  # synthetic.render.SceneAppearance once render_scan has drawn the photos
 
 
 # ------------------------------------------------------------------------------------------ hands
@@ -318,8 +331,13 @@ def write_synthetic(synth: SyntheticScan, data_path: str | Path, scan_id: str | 
         "noise_px": synth.noise_px,
     }
     (gt_dir / "hands.json").write_text(json.dumps(record, indent=1))
-    for s in hands.vertices:
-        write_ply(gt_dir / f"mesh_{s}.ply", hands.vertices[s], hands.faces[s])
+    if synth.appearance is not None:  # rendered: fine meshes, albedo, lighting
+        from synthetic.render import write_appearance
+
+        write_appearance(gt_dir, synth.appearance)
+    else:
+        for s in hands.vertices:
+            write_ply(gt_dir / f"mesh_{s}.ply", hands.vertices[s], hands.faces[s])
     return root
 
 
