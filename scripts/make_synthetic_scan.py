@@ -1,5 +1,8 @@
 #!/usr/bin/env python
-"""Write a synthetic keypoint-only scan (FMHR layout + gt/) with known hands; see synthetic/.
+"""Write a synthetic scan (FMHR layout + gt/) of known hands: photos, masks, noisy keypoints.
+
+Photos show the detailed hands of synthetic/render.py (textured skin, creases, SH light, random
+background); --keypoints_only writes the keypoints and cameras alone, as before.
 
 Example: python scripts/make_synthetic_scan.py --out data/syn --scan_id 1 --views 8 --size 640x480 --seed 0
 """
@@ -48,20 +51,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--outliers", type=int, default=0, help="detected joints moved by --outlier_px")
     ap.add_argument("--outlier_px", type=float, default=100.0)
     ap.add_argument("--overwrite", action="store_true", help="replace an existing scan folder")
+    ap.add_argument("--keypoints_only", action="store_true", help="no photos or masks (no rendering)")
+    ap.add_argument("--texture_size", type=int, default=512, help="albedo texture size (pixels, square)")
+    ap.add_argument("--supersample", type=int, default=2, help="render at this multiple of the size, then filter")
     args = ap.parse_args(argv)
     if args.views < 2:
         ap.error("--views must be at least 2")
+    if args.texture_size < 16 or args.supersample < 1:
+        ap.error("--texture_size must be >= 16 and --supersample >= 1")
     synth = synthetic.generate(
         views=args.views, size=args.size, seed=args.seed, sides=args.hands, noise_px=args.noise_px,
         miss_rate=args.miss_rate, hand_miss_rate=args.hand_miss_rate, swap_rate=args.swap_rate,
         duplicates=args.duplicates, outliers=args.outliers, outlier_px=args.outlier_px, scan_id=args.scan_id,
     )
+    root = args.out / str(args.scan_id)
+    if not args.overwrite and root.exists() and any(root.iterdir()):  # before the rendering time is spent
+        print(f"error: {root} exists and is not empty (command line: --overwrite)", file=sys.stderr)
+        return 2
+    if not args.keypoints_only:
+        from synthetic.render import render_scan
+
+        render_scan(synth, seed=args.seed, texture_size=args.texture_size, supersample=args.supersample)
     try:
         root = synthetic.write_synthetic(synth, args.out, args.scan_id, overwrite=args.overwrite)
     except ValueError as e:  # ScanError: the scan folder exists
         print(f"error: {e} (command line: --overwrite)", file=sys.stderr)
         return 2
     print(f"wrote {root} ({args.views} views, hands {','.join(synth.hands.params)}; "
+          f"{'keypoints only' if args.keypoints_only else 'photos and masks'}; "
           f"swapped views {synth.swapped_views or 'none'})")
     return 0
 
