@@ -222,3 +222,14 @@ def test_appearance_record(scan_dir: Path):
     assert palm.sum() >= base.sum()  # palms are lighter than the backs of the hands
     for side, h in rec["hands"].items():
         assert DISPLACEMENT_RANGE_MM[0] <= h["displacement_mm"]["min"] < -0.3
+
+
+def test_embedded_demo_data_loads(repo_root: Path):
+    """demo_data/1, the README's default input: 8 photos of two hands with masks and its truth."""
+    root = repo_root / "demo_data"
+    scan = synthetic.read_synthetic(root, 1)
+    assert len(scan.views) == 8 and scan.sides == ("left", "right")
+    for v in scan.views:
+        assert v.image is not None and v.image.shape == (256, 320, 3) and v.mask is not None and v.mask.any()
+    assert all(len(scan.gt.vertices[s]) > 16 * 1000 for s in scan.sides)  # the fine meshes
+    assert sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) < 3.2e6
