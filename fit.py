@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
     conf, data_path, scan_id, out = prepare(args)
     tree = conf.tree
+    resolve_scale(tree, data_path, scan_id)
     log = setup_logging(out, str(tree["log"]["level"]))
     log.info("conf %s%s, device %s", conf.path, "".join(f" --set {o}" for o in args.overrides), conf.device)
     log.info("scan %s from %s (%s, scale %g); output %s", scan_id, data_path, tree["data"]["format"],
@@ -83,6 +84,21 @@ def run(args: argparse.Namespace) -> int:
     write_outputs(scan, state, tree, out, run_info)
     log.info("done in %.1f s: %s", time.perf_counter() - start, out / "report.html")
     return 0
+
+
+def resolve_scale(tree, data_path: Path, scan_id: str) -> None:
+    """``data.width`` > 0 fits at that image width whatever the capture's size (the same conf then
+    suits a 320-px synthetic scan and a 1280-px capture): it becomes ``data.scale`` here, once, so
+    every stage and the checkpoints' identity read one number."""
+    width = int(tree["data"]["width"])
+    if width <= 0:
+        return
+    from fitting.pipeline import read_scan
+
+    header = tree.copy()
+    header.put("data.scale", 1.0, append=False)
+    probe = read_scan(header, data_path, scan_id, load_images=False)
+    tree.put("data.scale", width / probe.views[0].camera.width, append=False)
 
 
 def check_hand_model(tree) -> None:

@@ -240,10 +240,10 @@ def _reset_hwm() -> bool:
 SCAN_FORMATS = ("fmhr", "interhand", "synthetic")
 
 
-def read_scan(tree: Mapping[str, Any], data_path: str | Path, scan_id: str) -> Any:
+def read_scan(tree: Mapping[str, Any], data_path: str | Path, scan_id: str, load_images: bool = True) -> Any:
     """Read the scan with the reader of ``data.format`` (imported here, so a reader's optional
     dependencies are only needed when that format is used). ``data.views`` picks views by name
-    (FMHR view ids, InterHand camera ids)."""
+    (FMHR view ids, InterHand camera ids); ``load_images=False`` reads cameras and keypoints only."""
     data = tree["data"]
     fmt = str(data["format"])
     scale = float(data["scale"])
@@ -251,11 +251,11 @@ def read_scan(tree: Mapping[str, Any], data_path: str | Path, scan_id: str) -> A
     if fmt == "fmhr":
         from capture.fmhr import read_fmhr
 
-        return read_fmhr(data_path, scan_id, scale=scale, views=views)
+        return read_fmhr(data_path, scan_id, scale=scale, views=views, load_images=load_images)
     if fmt == "synthetic":  # FMHR layout plus the known answers in gt/ (synthetic.write_synthetic)
         from synthetic import read_synthetic
 
-        scan = read_synthetic(data_path, scan_id, scale=scale)
+        scan = read_synthetic(data_path, scan_id, scale=scale, load_images=load_images)
         return scan.subset(views) if views else scan
     if fmt == "interhand":
         from capture.interhand import read_interhand
@@ -264,7 +264,8 @@ def read_scan(tree: Mapping[str, Any], data_path: str | Path, scan_id: str) -> A
             index = int(scan_id)
         except ValueError:
             raise ConfError(f"InterHand2.6M scan ids are frame numbers of the split, got {scan_id!r}") from None
-        return read_interhand(data_path, str(data["split"]), index, scale=scale, cameras=views)
+        return read_interhand(data_path, str(data["split"]), index, scale=scale, cameras=views,
+                              load_images=load_images)
     raise ConfError(f"data.format = {fmt!r} is not a known capture format; use one of {SCAN_FORMATS}")
 
 

@@ -367,12 +367,12 @@ def load_truth(scan_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(scan_dir) / "gt" / "hands.json").read_text())
 
 
-def read_synthetic(data_path: str | Path, scan_id: str | int, scale: float = 1.0) -> Scan:
+def read_synthetic(data_path: str | Path, scan_id: str | int, scale: float = 1.0, load_images: bool = True) -> Scan:
     """``read_fmhr`` of a written synthetic scan with ``scan.gt`` filled from ``gt/`` and
     ``scan.sides`` set to the hands it really contains."""
     from capture.fmhr import read_fmhr
 
-    scan = read_fmhr(data_path, scan_id, scale=scale)
+    scan = read_fmhr(data_path, scan_id, scale=scale, load_images=load_images)
     scan.gt = load_gt(Path(data_path) / str(scan_id))
     scan.sides = tuple(s for s in SIDES if s in scan.gt.keypoints3d)
     return scan

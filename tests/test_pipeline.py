@@ -464,3 +464,19 @@ def test_fit_on_a_synthetic_scan_recovers_its_keypoints(tmp_path: Path, capsys, 
     for side in gt.keypoints3d:
         assert valid[side].all()
         np.testing.assert_allclose(joints[side], gt.keypoints3d[side], atol=1e-6)  # noise-free detections
+
+
+def test_data_width_becomes_one_scale_for_every_stage():
+    """data.width fits at that width whatever the capture: it resolves to data.scale once."""
+    from pathlib import Path
+
+    import fit
+    from fitting.conf import load_conf
+
+    repo = Path(__file__).resolve().parents[1]
+    conf = load_conf(repo / "conf" / "demo_sfs.conf", ["data.width=160"])
+    fit.resolve_scale(conf.tree, repo / "demo_data", "1")
+    assert float(conf.tree["data"]["scale"]) == 160 / 320
+    conf0 = load_conf(repo / "conf" / "demo_sfs.conf", ["data.width=0", "data.scale=0.75"])
+    fit.resolve_scale(conf0.tree, repo / "demo_data", "1")
+    assert float(conf0.tree["data"]["scale"]) == 0.75
