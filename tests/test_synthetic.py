@@ -121,7 +121,7 @@ def test_load_gt_names_a_missing_folder(tmp_path: Path):
 
 def test_cli(tmp_path: Path, capsys):
     args = ["--out", str(tmp_path), "--scan_id", "9", "--views", "4", "--size", "320x240", "--seed", "2",
-            "--hands", "right"]
+            "--hands", "right", "--keypoints_only"]
     assert make_scan_main(args) == 0
     scan = synthetic.read_synthetic(tmp_path, "9")
     assert len(scan.views) == 4 and scan.sides == ("right",)
