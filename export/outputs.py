@@ -12,6 +12,8 @@ Layout of ``<out>``::
     hand_params.json / .npz         fitted hand parameters per side
     hand_<side>.obj / .ply          fitted hand meshes (output.mesh_formats)
     hands.<output.scene_format>     both hands in one scene
+    hand_<side>_refined.*, refined.npz, hands_refined.*, images/ham/, images/silhouette_fit/
+                                    the silhouette_fit / ham outputs (export/texture.py)
     images/<stage>/overlay_<view>.png  detections vs fitted joints (output.overlays): pose_fit's
                                     keypoints, and the hand model's joints of the last stage
     report.html                     (output.report)
@@ -124,8 +126,15 @@ def export_hands(ctx: ExportContext) -> list[ReportSection]:
     return []
 
 
+def export_refinement(ctx: ExportContext) -> list[ReportSection]:
+    """silhouette_fit's mask overlays and everything of the ham stage (``export/texture.py``)."""
+    from export.texture import export_refined, export_silhouettes
+
+    return export_silhouettes(ctx) + export_refined(ctx)
+
+
 # Run in order by write_outputs; later stages append theirs.
-EXPORTERS: list[Exporter] = [export_keypoints, export_hands]
+EXPORTERS: list[Exporter] = [export_keypoints, export_hands, export_refinement]
 
 
 def write_outputs(

@@ -74,6 +74,7 @@ register("pose_fit", "fitting.pose_fit:run", ("data",))
 register("init", "fitting.init_gcn:run", ("data", "hand_model"))
 register("hand_fit", "fitting.hand_fit:run", ("data", "hand_model"))
 register("silhouette_fit", "fitting.silhouette_fit:run", ("data", "hand_model", "hand_fit", "masks", "renderer"))
+register("ham", "fitting.ham:run", ("data", "hand_model", "masks", "renderer"))
 
 
 def stage_specs(names: Iterable[str], registry: Mapping[str, StageSpec] | None = None) -> list[StageSpec]:

@@ -205,6 +205,7 @@ CONF_CLASSES = {
     ("fitting.init_gcn", "InitConf"): "init",
     ("fitting.silhouette_fit", "SilhouetteFitConf"): "silhouette_fit",
     ("fitting.masks", "MaskConf"): "masks",
+    ("fitting.ham", "HamConf"): "ham",
 }
 
 

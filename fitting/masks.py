@@ -1,0 +1,340 @@
+"""Which mask pixels a silhouette or photometric term may trust: forearms, broken views, missing hands.
+
+Real masks are not silhouettes of the hand model: they run up the forearm for a variable length
+(the model ends at the wrist), some are broken (small fragments) and some miss a hand or fingers.
+Fitting against them as they are pulls the hand up the arm and into the fragments. So, per view:
+
+- *Forearm*: each hand gets a proxy forearm, a flared tube extruded from the model's own wrist
+  boundary loop away from the hand, rendered in one scene with both hands. Mask pixels where a
+  proxy is the visible surface (dilated by a few pixels, never over a visible hand) are ignored.
+  A proxy rather than an image half-plane at the projected wrist: it is right under
+  foreshortening (a hand pointing at the camera), keeps the other hand where it passes in front of
+  the arm, and ignores only the arm's width, not everything behind the wrist line.
+- *Broken views*: the IoU of the keypoint-fitted hands against the forearm-free mask; a view far
+  below the others (``bad_view_ratio`` x median, or below ``bad_view_min_iou``) is dropped from
+  the image terms and logged.
+- *Missing hands*: in a kept view, a hand whose visible render is mostly outside the mask
+  (coverage below ``missing_hand_coverage``) was not segmented there; that hand's region (dilated)
+  is ignored in that view and the view is reported as partial.
+
+Everything here runs without gradient: it decides weight maps, the losses use them.
+Views of different image sizes are rendered on a common canvas (``pad_cameras``): a camera with
+the same K and a larger image size maps pixels to the same places, and the padding has weight 0.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from capture.camera import Camera
+from renderer.context import RenderContext
+
+log = logging.getLogger("handrecon")
+
+
+@dataclass
+class MaskConf:
+    """Robust mask handling (the ``masks`` conf section)."""
+
+    # Proxy forearm: length (metres) and radial scale of the wrist loop at the wrist and at the far end.
+    forearm_length: float = 0.3
+    forearm_scale_start: float = 1.15
+    forearm_scale_end: float = 1.6
+    # Dilation of the ignored forearm region, pixels of the original image size.
+    forearm_dilate_px: float = 12.0
+    # A view is dropped when its IoU is below bad_view_ratio x the median IoU or below bad_view_min_iou.
+    bad_view_ratio: float = 0.6
+    bad_view_min_iou: float = 0.3
+    # A hand whose visible render is covered by the mask below this fraction is missing from that mask.
+    missing_hand_coverage: float = 0.5
+    # Dilation of an ignored missing-hand region, pixels of the original image size.
+    missing_hand_dilate_px: float = 16.0
+    # A hand smaller than this many pixels (at the loaded size) in a view is not judged there.
+    min_hand_pixels: int = 50
+
+    @staticmethod
+    def from_conf(conf: Mapping[str, Any] | None) -> "MaskConf":
+        section: Mapping[str, Any] = conf["masks"] if conf is not None and "masks" in conf else {}
+        out = MaskConf()
+        for key in out.__dataclass_fields__:
+            if key in section:
+                setattr(out, key, type(getattr(out, key))(section[key]))
+        return out
+
+
+@dataclass
+class ViewMasks:
+    """Targets and weights of the image terms, on the render canvas.
+
+    ``target`` (V,H,W) the given masks as float; ``valid`` (V,H,W) 1 where a pixel counts (inside
+    the image, not forearm, not a missing hand's region); ``view_weight`` (V,) 0 for dropped views.
+    ``status[v]`` is 'ok', 'partial' or 'dropped'; ``notes[v]`` says why."""
+
+    names: list[str]
+    target: torch.Tensor
+    inside: torch.Tensor  # (V,H,W) 1 inside each view's real image (canvas padding = 0)
+    valid: torch.Tensor
+    view_weight: torch.Tensor
+    status: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    iou_initial: list[float] = field(default_factory=list)
+    forearm: torch.Tensor | None = None  # (V,H,W) bool ignored forearm pixels
+    missing: torch.Tensor | None = None  # (V,H,W) bool ignored missing-hand pixels
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Per-pixel weight of the image terms: valid pixels of kept views."""
+        return self.valid * self.view_weight[:, None, None]
+
+    def summary(self) -> dict[str, Any]:
+        return {n: {"status": s, "note": t} for n, s, t in zip(self.names, self.status, self.notes)}
+
+
+# ------------------------------------------------------------------------------------------ canvas
+def pad_cameras(cameras: Sequence[Camera]) -> tuple[list[Camera], tuple[int, int]]:
+    """Cameras on one canvas of the largest (H, W) (same K: pixels keep their coordinates)."""
+    H = max(c.height for c in cameras)
+    W = max(c.width for c in cameras)
+    out = [c if (c.width, c.height) == (W, H) else Camera(c.K, c.R, c.t, W, H, c.name) for c in cameras]
+    return out, (H, W)
+
+
+def pad_stack(arrays: Sequence[np.ndarray | None], hw: tuple[int, int], channels: int | None = None,
+              device: torch.device | str = "cpu") -> torch.Tensor:
+    """Stack per-view arrays (H_v, W_v[, C]) on the canvas (zeros elsewhere) as float32."""
+    H, W = hw
+    shape = (len(arrays), H, W) + ((channels,) if channels else ())
+    out = np.zeros(shape, np.float32)
+    for i, a in enumerate(arrays):
+        if a is None:
+            continue
+        a = np.asarray(a, np.float32)
+        out[i, : a.shape[0], : a.shape[1]] = a
+    return torch.from_numpy(out).to(device)
+
+
+def inside_maps(cameras: Sequence[Camera], hw: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
+    return pad_stack([np.ones((c.height, c.width), np.float32) for c in cameras], hw, device=device)
+
+
+# ----------------------------------------------------------------------------------------- forearm
+def wrist_loop(faces: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Vertex indices of the longest boundary loop of a mesh, in order: the open wrist of a hand
+    model. Raises when the mesh has no boundary (a closed hand has no wrist to extend)."""
+    f = faces.detach().cpu().numpy() if isinstance(faces, torch.Tensor) else np.asarray(faces)
+    f = f.astype(np.int64)
+    half = np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
+    key = {(int(a), int(b)) for a, b in half}
+    boundary = [(a, b) for a, b in key if (b, a) not in key]
+    if not boundary:
+        raise ValueError("hand mesh has no boundary loop (no open wrist)")
+    nxt = {a: b for a, b in boundary}
+    loops, seen = [], set()
+    for start in nxt:
+        if start in seen:
+            continue
+        loop, v = [], start
+        while v not in seen and v in nxt:
+            seen.add(v)
+            loop.append(v)
+            v = nxt[v]
+        loops.append(loop)
+    return np.asarray(max(loops, key=len), np.int64)
+
+
+def forearm_proxy(verts: torch.Tensor, loop: np.ndarray, cfg: MaskConf, rings: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """A flared tube (vertices (R*L, 3), faces) extruded from the wrist loop of ``verts`` along the
+    loop's normal, pointing away from the hand's centroid; scale grows linearly from
+    ``forearm_scale_start`` to ``forearm_scale_end`` over ``forearm_length``; the far end is capped.
+    Its faces have no consistent winding: it is only ever used for coverage."""
+    v = verts.detach()
+    ring = v[torch.as_tensor(loop, device=v.device)]
+    c = ring.mean(0)
+    # loop plane normal: smallest principal direction of the ring
+    _, _, vh = torch.linalg.svd(ring - c, full_matrices=False)
+    axis = vh[-1]
+    if float(torch.dot(axis, c - v.mean(0))) < 0:
+        axis = -axis
+    L = len(loop)
+    pts = []
+    for k in range(rings + 1):
+        t = k / rings
+        s = cfg.forearm_scale_start + (cfg.forearm_scale_end - cfg.forearm_scale_start) * t
+        pts.append(c + axis * (cfg.forearm_length * t) + s * (ring - c))
+    pts.append((c + axis * cfg.forearm_length)[None])
+    P = torch.cat(pts, 0)
+    faces = []
+    for k in range(rings):
+        a = np.arange(L) + k * L
+        b = (np.arange(L) + 1) % L + k * L
+        faces.append(np.stack([a, b, b + L], 1))
+        faces.append(np.stack([a, b + L, a + L], 1))
+    cap = len(P) - 1
+    last = np.arange(L) + rings * L
+    faces.append(np.stack([last, (np.arange(L) + 1) % L + rings * L, np.full(L, cap)], 1))
+    return P, torch.as_tensor(np.concatenate(faces), dtype=torch.long, device=v.device)
+
+
+def _dilate(m: torch.Tensor, radius: int) -> torch.Tensor:
+    """Binary dilation (V,H,W) bool by a (2r+1)^2 square."""
+    if radius <= 0:
+        return m
+    x = F.max_pool2d(m[:, None].float(), 2 * radius + 1, stride=1, padding=radius)
+    return x[:, 0] > 0.5
+
+
+# -------------------------------------------------------------------------------------- the masks
+class MaskBuilder:
+    """Builds ``ViewMasks`` for a scan: given masks on the canvas, forearm maps from the current
+    hands, and (once) the broken-view / missing-hand decisions."""
+
+    def __init__(self, scan: Any, cfg: MaskConf, ctx: RenderContext, scale: float, device: torch.device | str):
+        self.cfg = cfg
+        self.ctx = ctx
+        self.scale = float(scale)
+        self.device = torch.device(device)
+        self.names = [v.name for v in scan.views]
+        self.cameras, self.hw = pad_cameras(scan.cameras)
+        self.inside = inside_maps(scan.cameras, self.hw, self.device)
+        masks = [v.mask for v in scan.views]
+        self.has_mask = torch.tensor([m is not None for m in masks], dtype=torch.float32, device=self.device)
+        self.target = pad_stack([None if m is None else m.astype(np.float32) for m in masks], self.hw, device=self.device)
+        self.loops: dict[int, np.ndarray] = {}
+        # per-view principal-point corrections (V,2), pixels at the loaded size; None = none
+        self.offsets: torch.Tensor | None = None
+
+    def _px(self, original_px: float) -> int:
+        return int(round(original_px * self.scale))
+
+    @torch.no_grad()
+    def render_ids(self, hands: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, int]:
+        """Visible mesh id per pixel (V,H,W) of hands followed by their forearm proxies, and the
+        number of hands M (ids 0..M-1 are hands, >= M forearm proxies, -1 background)."""
+        verts, faces = [], []
+        for v, f in hands:
+            verts.append(v.detach())
+            faces.append(f)
+        for v, f in hands:
+            key = int(f.shape[0])
+            if key not in self.loops:  # a closed mesh (no wrist) gets no forearm
+                try:
+                    self.loops[key] = wrist_loop(f)
+                except ValueError:
+                    self.loops[key] = np.zeros(0, np.int64)
+            if len(self.loops[key]) < 3:
+                continue
+            pv, pf = forearm_proxy(v, self.loops[key], self.cfg)
+            verts.append(pv)
+            faces.append(pf)
+        from fitting.losses import clip_positions, merge
+        from renderer.ops import rasterize
+
+        scene = merge(verts, faces)
+        pos = clip_positions(scene.verts, self.cameras, offsets=self.offsets)
+        rast, _ = rasterize(self.ctx, pos, scene.tri, self.hw, grad_db=False)
+        tid = rast[..., 3].long()
+        owner = torch.cat([torch.full((f.shape[0],), k, dtype=torch.long, device=tid.device) for k, f in enumerate(faces)])
+        ids = torch.where(tid > 0, owner[(tid - 1).clamp_min(0)], torch.full_like(tid, -1))
+        return ids, len(hands)
+
+    @torch.no_grad()
+    def forearm_map(self, ids: torch.Tensor, M: int) -> torch.Tensor:
+        """Pixels where a proxy forearm is visible, dilated, minus pixels where a hand is."""
+        proxy = ids >= M
+        hand = (ids >= 0) & (ids < M)
+        return _dilate(proxy, self._px(self.cfg.forearm_dilate_px)) & ~hand
+
+    @torch.no_grad()
+    def build(self, hands: Sequence[tuple[torch.Tensor, torch.Tensor]], hand_names: Sequence[str],
+              decide: bool = True, previous: ViewMasks | None = None) -> ViewMasks:
+        """Weight maps for the current hands. ``decide``: judge broken views and missing hands
+        (done once, on the keypoint-fitted hands); otherwise keep ``previous``'s decisions and only
+        move the forearm maps with the hands."""
+        ids, M = self.render_ids(hands)
+        forearm = self.forearm_map(ids, M)
+        base_valid = self.inside * self.has_mask[:, None, None] * (~forearm).float()
+        hand_vis = (ids >= 0) & (ids < M)
+        V = len(self.names)
+        if not decide and previous is not None:
+            missing = previous.missing if previous.missing is not None else torch.zeros_like(forearm)
+            valid = base_valid * (~missing).float()
+            return ViewMasks(self.names, self.target, self.inside, valid, previous.view_weight, list(previous.status),
+                             list(previous.notes), list(previous.iou_initial), forearm, missing)
+
+        iou = _iou(hand_vis.float(), self.target, base_valid)
+        status, notes = ["ok"] * V, [""] * V
+        view_weight = self.has_mask.clone()
+        for i in range(V):
+            if float(self.has_mask[i]) == 0:
+                status[i], notes[i] = "dropped", "no mask"
+        kept = [i for i in range(V) if status[i] == "ok"]
+        med = float(np.median([iou[i] for i in kept])) if kept else 0.0
+        for i in kept:
+            thr = max(self.cfg.bad_view_min_iou, self.cfg.bad_view_ratio * med)
+            if iou[i] < thr:
+                status[i] = "dropped"
+                notes[i] = (f"mask disagrees with the keypoint-fitted hands: IoU {iou[i]:.2f} < {thr:.2f} "
+                            f"(median {med:.2f}); broken or wrong mask")
+                view_weight[i] = 0.0
+                log.warning("masks: view %s dropped from the image terms: %s", self.names[i], notes[i])
+        missing = torch.zeros_like(forearm)
+        grow = self._px(self.cfg.missing_hand_dilate_px)
+        for i in range(V):
+            if status[i] != "ok":
+                continue
+            for k in range(M):
+                vis = ids[i] == k
+                n = int(vis.sum())
+                if n < self.cfg.min_hand_pixels:
+                    continue
+                cover = float((self.target[i][vis] > 0.5).float().mean())
+                if cover < self.cfg.missing_hand_coverage:
+                    other = hand_vis[i] & ~vis
+                    region = _dilate(vis[None], grow)[0] & ~other
+                    missing[i] |= region
+                    status[i] = "partial"
+                    notes[i] = (notes[i] + "; " if notes[i] else "") + (
+                        f"{hand_names[k]} hand mostly missing from the mask (covers {cover:.0%} of its render); "
+                        "its region is ignored")
+                    log.warning("masks: view %s is partial: %s", self.names[i], notes[i])
+        valid = base_valid * (~missing).float()
+        return ViewMasks(self.names, self.target, self.inside, valid, view_weight, status, notes,
+                         [float(x) for x in iou], forearm, missing)
+
+
+def _iou(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> list[float]:
+    """IoU per view over the valid pixels; two empty sets score 1."""
+    p = (pred > 0.5) & (valid > 0.5)
+    t = (target > 0.5) & (valid > 0.5)
+    inter = (p & t).flatten(1).sum(1).float()
+    union = (p | t).flatten(1).sum(1).float()
+    return [1.0 if float(u) == 0 else float(i / u) for i, u in zip(inter, union)]
+
+
+def iou_report(pred: torch.Tensor, vm: ViewMasks) -> dict[str, Any]:
+    """IoU per view of a rendered coverage (V,H,W) against the masks three ways: ``iou`` over the
+    usable pixels (forearm and missing-hand regions excluded: what the fit is judged on),
+    ``iou_no_forearm`` (only the forearm excluded) and ``iou_raw`` (the given mask as it is); plus
+    each view's status and the mean IoU over the views that were not dropped."""
+    inside = vm.inside
+    raw = _iou(pred, vm.target, inside)
+    no_forearm = _iou(pred, vm.target, inside * (~vm.forearm).float() if vm.forearm is not None else inside)
+    usable = _iou(pred, vm.target, vm.valid)
+    per_view = {}
+    for i, n in enumerate(vm.names):
+        per_view[n] = {"iou": usable[i], "iou_no_forearm": no_forearm[i], "iou_raw": raw[i], "status": vm.status[i]}
+        if vm.notes[i]:
+            per_view[n]["note"] = vm.notes[i]
+    kept = [usable[i] for i in range(len(vm.names)) if vm.status[i] != "dropped"]
+    return {
+        "views": per_view,
+        "iou_mean": float(np.mean(kept)) if kept else None,
+        "iou_min": float(np.min(kept)) if kept else None,
+        "dropped_views": [n for n, s in zip(vm.names, vm.status) if s == "dropped"],
+        "partial_views": [n for n, s in zip(vm.names, vm.status) if s == "partial"],
+    }
