@@ -1,0 +1,114 @@
+"""scripts/render_views.py: a finished run rendered from the cameras of a param.npz gives the same
+silhouettes as rendering its meshes directly, applies the run's camera corrections to the views
+they belong to, shades fitted views with their SH and novel views with the mean SH."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import handmodel
+from capture.camera import Camera
+from export.texture import save_refined
+from fitting import ham as HAM
+from fitting import losses as Lo
+from fitting.metrics import silhouette_iou
+from renderer import make_context
+from test_silhouette_fit import ring_cameras, true_params
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("render_views", REPO / "scripts" / "render_views.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _write_cameras(path: Path, cams: dict[int, Camera], with_size: bool = True) -> None:
+    arrays = {}
+    for i, c in cams.items():
+        intr, ext = np.eye(4), np.eye(4)
+        intr[:3, :3] = c.K
+        ext[:3, :3], ext[:3, 3] = c.R, c.t
+        arrays[f"int_{i}"], arrays[f"ext_{i}"], arrays[f"world_mat_{i}"] = intr, ext, intr @ ext
+        if with_size:
+            arrays[f"size_{i}"] = np.array([c.width, c.height])
+    np.savez(path, **arrays)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> tuple[Path, list, dict[int, Camera]]:
+    """A run folder with one refined hand, per-view SH for views 00 and 01 and a camera
+    correction of view 01, and a camera file with views 00, 01 and an unseen 05."""
+    root = tmp_path_factory.mktemp("run")
+    model = handmodel.load("builtin", "right")
+    h = HAM.subdivide_hand(model, true_params(), 1, torch.device("cpu"))
+    albedo = torch.full_like(h.base, 0.6)
+    rec = {"vertices": h.base, "faces": h.faces, "albedo": albedo, "displacement": torch.zeros_like(h.base),
+           "base_vertices": h.base, "uv": h.uv, "uv_faces": h.uv_faces, "skin_weights": h.skin_weights}
+    sh = torch.zeros(2, 9, 3)
+    sh[:, 0] = torch.tensor([[1.0], [3.0]]) * 2 * np.sqrt(np.pi) / 2  # view 01 twice as bright as 00
+    save_refined(root / "refined.npz", {"right": rec}, {"sh": sh, "sh_mean": sh.mean(0), "views": ["00", "01"]})
+    (root / "metrics.json").write_text(json.dumps(
+        {"run": {"scale": 0.5}, "stages": {"silhouette_fit": {"camera_offsets_px": {"00": [0.0, 0.0], "01": [6.0, 0.0]}}}}))
+    cams = ring_cameras(3, (120, 96), h.base.mean(0).numpy().astype(np.float64), dist=0.45, f=150.0)
+    cams = {i: c for i, c in zip((0, 1, 5), cams)}
+    _write_cameras(root / "param.npz", cams)
+    return root, [h.base, h.faces], cams
+
+
+def test_renders_every_camera_and_matches_direct_rendering(run_dir, tmp_path):
+    root, (verts, faces), cams = run_dir
+    mod = _script()
+    assert mod.main(["--run", str(root), "--cameras", str(root / "param.npz"), "--out", str(tmp_path)]) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["00.png", "00_mask.png", "01.png", "01_mask.png", "05.png", "05_mask.png"]
+    ctx = make_context("cpu")
+    for i, name in ((0, "00"), (5, "05")):
+        mask = np.asarray(Image.open(tmp_path / f"{name}_mask.png")) > 127
+        with torch.no_grad():
+            cov, _ = Lo.render_silhouette(ctx, Lo.merge([verts], [faces]), [cams[i]], (96, 120))
+        assert mask.shape == (96, 120)
+        assert silhouette_iou(mask, cov[0] > 0.5) > 0.99
+        img = np.asarray(Image.open(tmp_path / f"{name}.png"))
+        near = np.zeros_like(mask)  # the mask grown by a pixel: antialiased edges blend to black
+        near[1:-1, 1:-1] = mask[:-2, 1:-1] | mask[2:, 1:-1] | mask[1:-1, :-2] | mask[1:-1, 2:] | mask[1:-1, 1:-1]
+        assert (img[~near] == 0).all() and img[mask].mean() > 20  # shaded hand on black
+    # view 01 carries the run's correction of +6 px (original pixels; the run's K is the file's)
+    mask1 = np.asarray(Image.open(tmp_path / "01_mask.png")) > 127
+    with torch.no_grad():
+        plain, _ = Lo.render_silhouette(ctx, Lo.merge([verts], [faces]), [cams[1]], (96, 120))
+        moved, _ = Lo.render_silhouette(ctx, Lo.merge([verts], [faces]), [cams[1]], (96, 120),
+                                        offsets=torch.tensor([[6.0, 0.0]]))
+    assert silhouette_iou(mask1, moved[0] > 0.5) > 0.99
+    assert silhouette_iou(mask1, plain[0] > 0.5) < 0.95
+    # lighting: view 01's SH is brighter than view 00's; the unseen view 05 gets their mean
+    mean = {n: np.asarray(Image.open(tmp_path / f"{n}.png"), np.float64)[
+        np.asarray(Image.open(tmp_path / f"{n}_mask.png")) > 127].mean() for n in ("00", "01", "05")}
+    assert mean["00"] < mean["05"] < mean["01"]
+
+
+def test_size_flag_scale_and_errors(run_dir, tmp_path):
+    root, (verts, faces), cams = run_dir
+    mod = _script()
+    _write_cameras(tmp_path / "nosize.npz", cams, with_size=False)
+    out = tmp_path / "out"
+    # a file without size_i needs --size
+    assert mod.main(["--run", str(root), "--cameras", str(tmp_path / "nosize.npz"), "--out", str(out)]) == 2
+    assert mod.main(["--run", str(root), "--cameras", str(tmp_path / "nosize.npz"), "--out", str(out),
+                     "--size", "120x96", "--scale", "0.5", "--views", "5"]) == 0
+    mask = np.asarray(Image.open(out / "05_mask.png")) > 127
+    assert mask.shape == (48, 60)
+    ctx = make_context("cpu")
+    with torch.no_grad():
+        cov, _ = Lo.render_silhouette(ctx, Lo.merge([verts], [faces]), [cams[5].scaled(0.5)], (48, 60))
+    assert silhouette_iou(mask, cov[0] > 0.5) > 0.97
+    assert mod.main(["--run", str(tmp_path), "--cameras", str(root / "param.npz"), "--out", str(out)]) == 2
+    assert mod.main(["--run", str(root), "--cameras", str(root / "param.npz"), "--out", str(out), "--views", "9"]) == 2
