@@ -153,6 +153,7 @@ def export_silhouettes(ctx: Any) -> list[ReportSection]:
     from fitting import losses as Lo
     from fitting.masks import MaskBuilder, MaskConf
     from fitting.pose_fit import image_scale
+    from fitting.silhouette_fit import camera_offsets
     from renderer import make_context
 
     rctx = make_context("cpu")
@@ -161,12 +162,14 @@ def export_silhouettes(ctx: Any) -> list[ReportSection]:
         m = handmodel.load(str(ctx.conf["hand_model"]["name"]), side=side)
         with torch.no_grad():
             hands.append((m.forward(p).vertices[0], m.faces))
-    builder = MaskBuilder(ctx.scan, MaskConf.from_conf(ctx.conf), rctx, image_scale(ctx.scan, ctx.conf), "cpu")
+    scale = image_scale(ctx.scan, ctx.conf)
+    builder = MaskBuilder(ctx.scan, MaskConf.from_conf(ctx.conf), rctx, scale, "cpu")
+    builder.offsets = camera_offsets(st, [v.name for v in ctx.scan.views], scale)
     status = {n: v.get("status", "ok") for n, v in st.metrics["silhouette_fit"].get("views", {}).items()}
     with torch.no_grad():
         vm = builder.build(hands, list(st.params), decide=True)
         cov = Lo.render_silhouette(rctx, Lo.merge([h[0] for h in hands], [h[1] for h in hands]), builder.cameras,
-                                   builder.hw)[0].numpy() > 0.5
+                                   builder.hw, offsets=builder.offsets)[0].numpy() > 0.5
     paths = []
     for i, view in enumerate(ctx.scan.views):
         H, W = view.camera.height, view.camera.width
@@ -192,9 +195,9 @@ def export_refined(ctx: Any) -> list[ReportSection]:
     out = ctx.conf["output"]
     formats = [str(f) for f in out["mesh_formats"]]
     size = int(out.get("texture_size", 1024))
-    from renderer import make_context
+    from fitting import losses as Lo
 
-    rctx = make_context("cpu")
+    rctx = Lo.render_context(ctx.conf, Lo.stage_device(ctx.conf))  # nvdiffrast on a GPU run
     for side, rec in st.refined.items():
         ctx.files += write_refined_hand(ctx.out_dir, side, rec, size, formats, rctx)
     ctx.files.append(save_refined(ctx.out_dir / "refined.npz", st.refined, st.lighting))
@@ -238,9 +241,15 @@ def _view_images(ctx: Any, rctx: Any) -> list[Path]:
     sh = torch.stack([sh_all[names.index(v.name)] if v.name in names else torch.as_tensor(_np(st.lighting["sh_mean"]))
                       for v in ctx.scan.views])
     sides = list(st.refined)
-    rv = render_views(rctx, [torch.as_tensor(_np(st.refined[s]["vertices"]), dtype=torch.float32) for s in sides],
-                      [torch.as_tensor(_np(st.refined[s]["faces"])) for s in sides],
-                      [torch.as_tensor(_np(st.refined[s]["albedo"]), dtype=torch.float32) for s in sides], sh, cams, hw)
+    from fitting.pose_fit import image_scale
+    from fitting.silhouette_fit import camera_offsets
+
+    off = camera_offsets(st, [v.name for v in ctx.scan.views], image_scale(ctx.scan, ctx.conf))
+    dev = rctx.device
+    t = lambda x, dt=torch.float32: torch.as_tensor(_np(x), dtype=dt, device=dev)  # noqa: E731
+    rv = render_views(rctx, [t(st.refined[s]["vertices"]) for s in sides], [t(st.refined[s]["faces"], torch.long) for s in sides],
+                      [t(st.refined[s]["albedo"]) for s in sides], sh.to(dev), cams, hw,
+                      None if off is None else off.to(dev))
     paths = []
     d = ctx.out_dir / "images" / "ham"
     for i, view in enumerate(ctx.scan.views):

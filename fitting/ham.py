@@ -4,9 +4,10 @@ Each fitted hand is Loop-subdivided (``ham.levels``; the topology family is kept
 and UVs are carried by the same sparse matrix), then three unknowns are optimised against the
 photos: a per-vertex albedo, per-view SH lighting (9 coefficients, RGB; per view because cameras
 differ in exposure and white balance, tied to their mean by a regulariser) and a per-vertex
-displacement (along the subdivided mesh's normals or free; a coarse displacement on the model's
-vertices, carried by the subdivision, plus a fine one, so that shape corrections of several
-millimetres converge as fast as the fine detail). Two phases as in FMHR:
+displacement: a fine one (along the subdivided mesh's normals, or free) plus a coarse one on the
+model's vertices carried by the subdivision (free by default: it can move a finger the keypoint
+and silhouette fits left a few millimetres off, which normal offsets can only fake by bulging),
+so that shape corrections of millimetres converge as fast as the fine detail. Two phases as in FMHR:
 
 (a) albedo + lighting with the geometry fixed (the raster is computed once and reused);
 (b) geometry + albedo + lighting.
@@ -57,7 +58,7 @@ class HamConf:
 
     levels: int = 2  # Loop subdivision levels of the fitted meshes (1..3)
     displacement: str = "normal"  # normal (along the subdivided mesh's normals) | free (3D)
-    coarse_displacement: bool = True  # also a displacement on the model's vertices, subdivided
+    coarse_displacement: str = "free"  # none | normal | free: a displacement of the model's vertices
     sh_per_view: bool = True  # per-view SH (tied by the light term), else one SH for all views
     iterations_appearance: int = 80  # phase (a): albedo + lighting, geometry fixed
     iterations_geometry: int = 250  # phase (b): displacements + albedo (+ lighting)
@@ -92,6 +93,8 @@ class HamConf:
                 setattr(out, key, type(getattr(out, key))(section[key]))
         if out.displacement not in ("normal", "free"):
             raise ValueError(f"ham.displacement must be normal or free, got {out.displacement!r}")
+        if out.coarse_displacement not in ("none", "normal", "free"):
+            raise ValueError(f"ham.coarse_displacement must be none, normal or free, got {out.coarse_displacement!r}")
         if not 1 <= out.levels <= 3:
             raise ValueError(f"ham.levels must be 1..3, got {out.levels}")
         return out
@@ -171,11 +174,14 @@ class Unknowns:
     sh: torch.Tensor  # (V,9,3) or (9,3)
 
     def displacement(self, h: HandMesh) -> torch.Tensor:
-        """Displacement vectors (N,3) of hand ``h``."""
+        """Displacement vectors (N,3) of hand ``h``: fine and coarse (subdivided), each along the
+        normals when it has one component."""
         d = self.fine[h.side]
+        d = d * h.normals if d.shape[1] == 1 else d
         if self.coarse:
-            d = d + apply_sparse(h.S, self.coarse[h.side])
-        return d * h.normals if d.shape[1] == 1 else d
+            c = apply_sparse(h.S, self.coarse[h.side])
+            d = d + (c * h.normals if c.shape[1] == 1 else c)
+        return d
 
     def vertices(self, h: HandMesh) -> torch.Tensor:
         return h.base + self.displacement(h)
@@ -285,7 +291,16 @@ class Problem:
         self.topology = antialias_construct_topology_hash(self.tri)
         self.vm: ViewMasks = self.builder.build([(h.base, h.faces) for h in hands], [h.side for h in hands], decide=True)
         self.kept = [i for i in range(self.V) if float(self.vm.view_weight[i]) > 0]
+        # without any usable mask (a capture without segmentation), the photos are compared on
+        # the render's own coverage and the silhouette terms are off
+        self.maskless = not self.kept
+        if self.maskless:
+            self.kept = [i for i, v in enumerate(scan.views) if v.image is not None]
+            log.warning("ham: no usable mask in any view; photometric terms on the render's own coverage, "
+                        "no silhouette terms")
         self.photo_weight = self._photo_weight()
+        if self.maskless:
+            self.use_render_coverage_of([(h.base, h.faces) for h in hands], self.kept)
 
     def off(self, views: list[int]) -> torch.Tensor | None:
         return None if self.offsets is None else self.offsets[views]
@@ -295,6 +310,9 @@ class Problem:
 
     def update_masks(self, unk: Unknowns) -> None:
         """Move the forearm maps with the refined hands (decisions kept)."""
+        if self.maskless:
+            self.use_render_coverage(unk, self.kept)
+            return
         with torch.no_grad():
             self.vm = self.builder.build([(unk.vertices(h), h.faces) for h in self.hands], [h.side for h in self.hands],
                                          decide=False, previous=self.vm)
@@ -310,7 +328,11 @@ class Problem:
     def use_render_coverage(self, unk: Unknowns, views: list[int]) -> None:
         """For views whose mask was dropped: photometric weights = the render's own coverage,
         eroded by a pixel (edge pixels mix hand and background)."""
-        scene = self.scene([unk.vertices(h) for h in self.hands])
+        self.use_render_coverage_of([(unk.vertices(h), h.faces) for h in self.hands], views)
+
+    @torch.no_grad()
+    def use_render_coverage_of(self, meshes: list[tuple[torch.Tensor, torch.Tensor]], views: list[int]) -> None:
+        scene = self.scene([m[0] for m in meshes])
         cams = [self.cameras[i] for i in views]
         rast, _ = rasterize(self.ctx, Lo.clip_positions(scene.verts, cams, offsets=self.off(views)), scene.tri, self.hw,
                             grad_db=False)
@@ -337,8 +359,9 @@ def init_unknowns(prob: Problem, cfg: HamConf) -> Unknowns:
     k = 1 if cfg.displacement == "normal" else 3
     fine = {h.side: torch.zeros(h.num_vertices, k, device=dev) for h in prob.hands}
     coarse = {}
-    if cfg.coarse_displacement:
-        coarse = {h.side: torch.zeros(h.S.shape[1], k, device=dev) for h in prob.hands}
+    if cfg.coarse_displacement != "none":
+        kc = 1 if cfg.coarse_displacement == "normal" else 3
+        coarse = {h.side: torch.zeros(h.S.shape[1], kc, device=dev) for h in prob.hands}
     sh0 = sh_ambient(1.0, rgb=True).to(dev)
     sh = sh0.expand(prob.V, 9, 3).clone() if cfg.sh_per_view else sh0.clone()
     return Unknowns(albedo, fine, coarse, sh)
@@ -404,7 +427,7 @@ def optimize_geometry(prob: Problem, unk: Unknowns, cfg: HamConf) -> dict[str, f
     views = prob.kept
     if iterations <= 0 or not views:
         return {}
-    w = {k: v for k, v in cfg.weights.items() if v > 0}
+    w = {k: v for k, v in cfg.weights.items() if v > 0 and not (prob.maskless and k in ("silhouette", "contour"))}
     cams = [prob.cameras[i] for i in views]
     P = prob.P[views]
     groups = [{"params": list(unk.fine.values()), "lr": cfg.lr_displacement},
@@ -417,14 +440,15 @@ def optimize_geometry(prob: Problem, unk: Unknowns, cfg: HamConf) -> dict[str, f
         for t in g["params"]:
             t.requires_grad_(True)
     opt, sched = _adam(groups, iterations)
-    contours = Lo.mask_contours(prob.vm.target[views], prob.vm.valid[views], cfg.contour_margin_px, cfg.contour_points)
+    contours = Lo.mask_contours(prob.vm.target[views], prob.vm.valid[views], cfg.contour_margin_px, cfg.contour_points,
+                                prob.vm.inside[views])
     terms: dict[str, torch.Tensor] = {}
     bar = _progress(range(iterations), "ham geometry")
     for it in bar:
         if it > 0 and cfg.mask_update_every > 0 and it % cfg.mask_update_every == 0:
             prob.update_masks(unk)
             contours = Lo.mask_contours(prob.vm.target[views], prob.vm.valid[views], cfg.contour_margin_px,
-                                        cfg.contour_points)
+                                        cfg.contour_points, prob.vm.inside[views])
         opt.zero_grad(set_to_none=True)
         verts = [unk.vertices(h) for h in prob.hands]
         scene = prob.scene(verts)
@@ -561,7 +585,7 @@ def evaluate(prob: Problem, unk: Unknowns) -> dict[str, Any]:
     psnrs, ssims = [], []
     for i, name in enumerate(prob.names):
         rec = dict(ious["views"][name])
-        if i in prob.kept:
+        if i in prob.kept and not prob.maskless:
             m = photo_metrics(rv.shaded[i], photo[i], usable[i] & covered[i])
             full = photo_metrics(rv.shaded[i], photo[i], usable[i])
             rec.update(m)
@@ -576,6 +600,10 @@ def evaluate(prob: Problem, unk: Unknowns) -> dict[str, Any]:
             region = _erode_np(region)
             rec.update(photo_metrics(rv.shaded[i], photo[i], region))
             rec["region"] = "render"
+            if prob.maskless and rec["psnr"] is not None:
+                psnrs.append(rec["psnr"])
+                if rec["ssim"] is not None:
+                    ssims.append(rec["ssim"])
         views[name] = rec
     kept_full = [views[prob.names[i]]["psnr_full_mask"] for i in prob.kept if views[prob.names[i]].get("psnr_full_mask")]
     return {

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -257,28 +258,37 @@ def render_shaded(ctx: "RenderContext", scene: Scene, albedo: torch.Tensor, sh: 
     return Shaded(aa[..., :3], aa[..., 3], rast, pos)
 
 
-# -------------------------------------------------------------------------------- contour chamfer
+# -------------------------------------------------------------------------------- contour terms
 #
-# Why a contour term besides the antialiased coverage: the coverage gradient comes from
+# Why contour terms besides the antialiased coverage: the coverage gradient comes from
 # antialiasing (nvdiffrast's method), which only sees a silhouette edge when it belongs to the
 # triangle covering the pixel centre next to it. With triangles of a pixel or less (a hand at
 # 320x256, any subdivided mesh) most silhouette crossings belong to neighbouring triangles and the
 # gradient is a fraction of the true one (measured: 1/3 on the model mesh, 1/20 after one Loop
-# level, against finite differences), and it is zero beyond a pixel from the edge. The chamfer
-# between the rendered and the given contours has neither problem: each rendered boundary pixel's
-# surface point moves with its triangle's vertices, and every mask contour pixel pulls the nearest
-# rendered one from any distance.
+# level, against finite differences), and it is zero beyond a pixel from the edge. Contour terms
+# have neither problem: each rendered boundary pixel's surface point moves with its triangle's
+# vertices and is pulled along the mask's distance field from any distance, and every usable mask
+# contour pixel pulls the nearest rendered contour point.
 
 
 @dataclass
 class Contours:
-    """Usable contour pixels of the given masks, per view (K_v, 2) pixel-centre coordinates, and
-    where rendered contour points count (``usable`` (V,H,W) bool): the same rule for both sets,
-    pixels at least the margin away from any ignored pixel, or the chamfer is biased where one
-    set was cut and the other not (at the wrist)."""
+    """What the contour terms compare against, per view on the canvas:
 
+    ``field`` (V,H,W) signed distance in pixels to the mask's contour: > 0 outside the mask (to
+    the nearest mask pixel), < 0 inside (to the nearest background pixel, less one: a boundary
+    pixel of the mask is where a rendered boundary pixel belongs), from the whole given mask (a
+    pixel outside it is background whatever was ignored);
+    ``valid`` (V,H,W) where rendered contour points count at all (not a missing hand's region,
+    inside the image); ``inner_ok`` (V,H,W) where they may also be pulled outwards (at least the
+    margin away from ignored pixels, so the open wrist is not pulled up the forearm);
+    ``points`` per view (K,2) pixel-centre coordinates of the usable mask contour pixels (at least
+    the margin away from ignored pixels: the cut at a forearm is not a real contour)."""
+
+    field: torch.Tensor
+    valid: torch.Tensor
+    inner_ok: torch.Tensor
     points: list[torch.Tensor]
-    usable: torch.Tensor
 
 
 def erode(m: torch.Tensor) -> torch.Tensor:
@@ -288,15 +298,27 @@ def erode(m: torch.Tensor) -> torch.Tensor:
     return e
 
 
-def mask_contours(target: torch.Tensor, valid: torch.Tensor, margin: int = 2, max_points: int = 4000) -> Contours:
-    """Boundary pixels of each view's mask that lie at least ``margin`` pixels from any invalid
-    pixel (the cut where a forearm or a missing hand was removed is not a real contour), evenly
-    subsampled to at most ``max_points`` per view."""
+def mask_contours(target: torch.Tensor, valid: torch.Tensor, margin: int = 2, max_points: int = 4000,
+                  inside: torch.Tensor | None = None) -> Contours:
+    """Distance field, validity maps and usable contour pixels of the given masks (see
+    ``Contours``). ``valid``: the weight map of the image terms (0 = ignored pixel); ``inside``:
+    1 inside each view's image (default: everywhere). Contour points are evenly subsampled to at
+    most ``max_points`` per view."""
+    from scipy.ndimage import distance_transform_edt
+
     m = target > 0.5
     ok = valid > 0.5
+    img = inside > 0.5 if inside is not None else torch.ones_like(m)
     bad = ~ok
     if margin > 0:
         bad = F.max_pool2d(bad.float()[:, None], 2 * margin + 1, stride=1, padding=margin)[:, 0] > 0.5
+    mn = m.cpu().numpy()
+    field = np.zeros(mn.shape, np.float32)
+    for v in range(mn.shape[0]):
+        if mn[v].any() and not mn[v].all():
+            field[v] = distance_transform_edt(~mn[v]) - np.maximum(distance_transform_edt(mn[v]) - 1.0, 0.0)
+    # a missing hand's region (ignored background) is neither trusted outside nor inside
+    ignored_bg = ~ok & ~m & img
     edge = m & ~erode(m) & ~bad
     pts = []
     for v in range(m.shape[0]):
@@ -304,7 +326,16 @@ def mask_contours(target: torch.Tensor, valid: torch.Tensor, margin: int = 2, ma
         if len(yx) > max_points:
             yx = yx[torch.linspace(0, len(yx) - 1, max_points, device=yx.device).long()]
         pts.append(torch.stack([yx[:, 1] + 0.5, yx[:, 0] + 0.5], -1))
-    return Contours(pts, ~bad)
+    return Contours(torch.from_numpy(field).to(target.device), img & ~ignored_bg, ~bad, pts)
+
+
+def sample_field(field: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples (K,) of one view's field (H,W) at continuous pixel coordinates (K,2)
+    (pixel centres at +0.5), differentiable w.r.t. the points; clamped at the border."""
+    H, W = field.shape
+    g = torch.stack([2.0 * pts[:, 0] / W - 1.0, 2.0 * pts[:, 1] / H - 1.0], -1).to(field.dtype)
+    out = F.grid_sample(field[None, None], g[None, None], mode="bilinear", padding_mode="border", align_corners=False)
+    return out[0, 0, 0]
 
 
 def rendered_contour_points(scene: "Scene", rast: torch.Tensor, P: torch.Tensor,
@@ -334,38 +365,36 @@ def rendered_contour_points(scene: "Scene", rast: torch.Tensor, P: torch.Tensor,
 def contour_loss(rendered: list[torch.Tensor], pixels: list[torch.Tensor], contours: Contours, scale: float,
                  sigma_px: float = 2.0, reverse_sigma_px: float = 10.0,
                  view_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Robust chamfer between rendered contour points and mask contour pixels (pixels of the
-    original image size), per view averaged; rendered points on invalid pixels (forearm, missing
-    hand, off the image) are left out.
+    """Contour terms in pixels of the original image size, per view averaged.
 
-    Rendered -> mask: pseudo-Huber with ``sigma_px`` (every rendered contour point belongs on the
-    mask's contour). Mask -> rendered: Geman-McClure with ``reverse_sigma_px``, i.e. a mask contour
-    pixel pulls its nearest rendered point only while that is within a few sigma (a finger the
-    render lacks must not drag whatever contour is nearest across the hand); it saturates at
-    ``reverse_sigma_px``."""
+    Rendered -> mask: pseudo-Huber (``sigma_px``) of the mask's signed distance field at each
+    rendered contour point (on valid pixels; pulled only inwards next to ignored pixels).
+    Mask -> rendered: Geman-McClure (``reverse_sigma_px``) of each usable mask contour pixel's
+    distance to the nearest rendered contour point, i.e. it pulls only while that is within a few
+    sigma (a finger the render lacks must not drag whatever contour is nearest across the hand);
+    it saturates at ``reverse_sigma_px``."""
     losses = []
     weights = []
     for v, (r, yx) in enumerate(zip(rendered, pixels)):
         w = 1.0 if view_weight is None else float(view_weight[v])
-        m = contours.points[v]
-        if w <= 0 or len(m) == 0:
+        if w <= 0 or len(r) == 0:
             continue
-        keep = contours.usable[v, yx[:, 0], yx[:, 1]] if len(yx) else torch.zeros(0, dtype=torch.bool)
-        r = r[keep]
+        keep = contours.valid[v, yx[:, 0], yx[:, 1]]
+        r, yx = r[keep], yx[keep]
         if len(r) == 0:
             continue
-        m = m.to(r)
-        with torch.no_grad():  # matching without gradient: cdist's backward is slow on CPU
-            d = torch.cdist(r.detach(), m)
-            i_rm, i_mr = d.argmin(1), d.argmin(0)
-        d_rm = torch.sqrt(((r - m[i_rm]) ** 2).sum(-1) + 1e-12) / scale
-        d_mr = torch.sqrt(((r[i_mr] - m) ** 2).sum(-1) + 1e-12) / scale
-
-        huber = sigma_px * (torch.sqrt(1.0 + (d_rm / sigma_px) ** 2) - 1.0)
-        gm = reverse_sigma_px * (d_mr ** 2 / (d_mr ** 2 + reverse_sigma_px ** 2))
-        losses.append(0.5 * (huber.mean() + gm.mean()))
+        f = sample_field(contours.field[v], r)
+        f = torch.where(contours.inner_ok[v, yx[:, 0], yx[:, 1]], f, f.clamp_min(0.0)) / scale
+        term = (sigma_px * (torch.sqrt(1.0 + (f / sigma_px) ** 2) - 1.0)).mean()
+        m = contours.points[v].to(r)
+        if len(m):
+            with torch.no_grad():  # matching without gradient: cdist's backward is slow on CPU
+                i_mr = torch.cdist(m, r.detach()).argmin(1)
+            d_mr = torch.sqrt(((r[i_mr] - m) ** 2).sum(-1) + 1e-12) / scale
+            term = 0.5 * (term + (reverse_sigma_px * d_mr ** 2 / (d_mr ** 2 + reverse_sigma_px ** 2)).mean())
+        losses.append(term)
         weights.append(w)
     if not losses:
-        return contours.usable.new_zeros((), dtype=torch.float32)
+        return contours.field.new_zeros(())
     wt = torch.tensor(weights, dtype=losses[0].dtype, device=losses[0].device)
     return (torch.stack(losses) * wt).sum() / wt.sum()

@@ -56,6 +56,15 @@ class MaskConf:
     missing_hand_dilate_px: float = 16.0
     # A hand smaller than this many pixels (at the loaded size) in a view is not judged there.
     min_hand_pixels: int = 50
+    # Multi-view consensus for masks that miss parts of a hand (fingers against a bright
+    # background): rendered hand pixels farther than consensus_outside_px (original pixels) from
+    # a view's mask whose surface points fall inside the masks (grown by consensus_tolerance_px)
+    # of at least consensus_ratio of the other views are taken as the mask's misses and ignored;
+    # a view needs consensus_min_pixels (loaded size) of them to count. 0 ratio = off.
+    consensus_outside_px: float = 12.0
+    consensus_tolerance_px: float = 8.0
+    consensus_ratio: float = 0.8
+    consensus_min_pixels: int = 20
 
     @staticmethod
     def from_conf(conf: Mapping[str, Any] | None) -> "MaskConf":
@@ -240,21 +249,28 @@ class MaskBuilder:
         tid = rast[..., 3].long()
         owner = torch.cat([torch.full((f.shape[0],), k, dtype=torch.long, device=tid.device) for k, f in enumerate(faces)])
         ids = torch.where(tid > 0, owner[(tid - 1).clamp_min(0)], torch.full_like(tid, -1))
+        self._last = (rast, scene)
         return ids, len(hands)
 
     @torch.no_grad()
     def forearm_map(self, ids: torch.Tensor, M: int) -> torch.Tensor:
-        """Pixels where a proxy forearm is visible, dilated, minus pixels where a hand is."""
+        """Mask pixels where a proxy forearm is visible (dilated), minus pixels where a hand is.
+        Only mask pixels: a background pixel beside the arm is background, and a hand bulging
+        into it must still pay."""
         proxy = ids >= M
         hand = (ids >= 0) & (ids < M)
-        return _dilate(proxy, self._px(self.cfg.forearm_dilate_px)) & ~hand
+        return _dilate(proxy, self._px(self.cfg.forearm_dilate_px)) & ~hand & (self.target > 0.5)
 
     @torch.no_grad()
     def build(self, hands: Sequence[tuple[torch.Tensor, torch.Tensor]], hand_names: Sequence[str],
-              decide: bool = True, previous: ViewMasks | None = None) -> ViewMasks:
-        """Weight maps for the current hands. ``decide``: judge broken views and missing hands
-        (done once, on the keypoint-fitted hands); otherwise keep ``previous``'s decisions and only
-        move the forearm maps with the hands."""
+              decide: bool = True, previous: ViewMasks | None = None, consensus: bool = True) -> ViewMasks:
+        """Weight maps for the current hands.
+
+        ``decide``: judge broken views (unless ``previous`` is given: its drops are kept, so the
+        set of views never changes under an optimisation), missing hands and, with ``consensus``,
+        the parts of hands a mask misses (meaningful only once the hands and cameras fit well: a
+        camera that is still off would make its own view look like it misses the hands).
+        Otherwise keep ``previous``'s decisions and only move the forearm maps with the hands."""
         ids, M = self.render_ids(hands)
         forearm = self.forearm_map(ids, M)
         base_valid = self.inside * self.has_mask[:, None, None] * (~forearm).float()
@@ -269,19 +285,26 @@ class MaskBuilder:
         iou = _iou(hand_vis.float(), self.target, base_valid)
         status, notes = ["ok"] * V, [""] * V
         view_weight = self.has_mask.clone()
-        for i in range(V):
-            if float(self.has_mask[i]) == 0:
-                status[i], notes[i] = "dropped", "no mask"
-        kept = [i for i in range(V) if status[i] == "ok"]
-        med = float(np.median([iou[i] for i in kept])) if kept else 0.0
-        for i in kept:
-            thr = max(self.cfg.bad_view_min_iou, self.cfg.bad_view_ratio * med)
-            if iou[i] < thr:
-                status[i] = "dropped"
-                notes[i] = (f"mask disagrees with the keypoint-fitted hands: IoU {iou[i]:.2f} < {thr:.2f} "
-                            f"(median {med:.2f}); broken or wrong mask")
-                view_weight[i] = 0.0
-                log.warning("masks: view %s dropped from the image terms: %s", self.names[i], notes[i])
+        if previous is not None:
+            view_weight = previous.view_weight.clone()
+            for i in range(V):
+                if previous.status[i] == "dropped":
+                    status[i], notes[i] = "dropped", previous.notes[i]
+            iou = list(previous.iou_initial)
+        else:
+            for i in range(V):
+                if float(self.has_mask[i]) == 0:
+                    status[i], notes[i] = "dropped", "no mask"
+            kept = [i for i in range(V) if status[i] == "ok"]
+            med = float(np.median([iou[i] for i in kept])) if kept else 0.0
+            for i in kept:
+                thr = max(self.cfg.bad_view_min_iou, self.cfg.bad_view_ratio * med)
+                if iou[i] < thr:
+                    status[i] = "dropped"
+                    notes[i] = (f"mask disagrees with the keypoint-fitted hands: IoU {iou[i]:.2f} < {thr:.2f} "
+                                f"(median {med:.2f}); broken or wrong mask")
+                    view_weight[i] = 0.0
+                    log.warning("masks: view %s dropped from the image terms: %s", self.names[i], notes[i])
         missing = torch.zeros_like(forearm)
         grow = self._px(self.cfg.missing_hand_dilate_px)
         for i in range(V):
@@ -302,9 +325,69 @@ class MaskBuilder:
                         f"{hand_names[k]} hand mostly missing from the mask (covers {cover:.0%} of its render); "
                         "its region is ignored")
                     log.warning("masks: view %s is partial: %s", self.names[i], notes[i])
+        if consensus and self.cfg.consensus_ratio > 0:
+            self._consensus(ids, M, status, notes, missing, base_valid)
         valid = base_valid * (~missing).float()
         return ViewMasks(self.names, self.target, self.inside, valid, view_weight, status, notes,
                          [float(x) for x in iou], forearm, missing)
+
+    @torch.no_grad()
+    def _consensus(self, ids: torch.Tensor, M: int, status: list[str], notes: list[str], missing: torch.Tensor,
+                   base_valid: torch.Tensor) -> None:
+        """Mark, in ``missing``, rendered hand pixels that a view's mask lacks but the other views'
+        masks confirm (see MaskConf); update status and notes."""
+        from fitting.geometry import projection_matrices
+        from fitting.losses import offset_projections
+
+        rast, scene = self._last
+        voters = [i for i in range(len(self.names)) if status[i] != "dropped"]
+        if len(voters) < 3:
+            return
+        P = torch.as_tensor(projection_matrices(self.cameras), dtype=scene.verts.dtype, device=scene.verts.device)
+        P = offset_projections(P, self.offsets)
+        H, W = self.hw
+        grown = _dilate(self.target > 0.5, self._px(self.cfg.consensus_tolerance_px))
+        near = _dilate(self.target > 0.5, self._px(self.cfg.consensus_outside_px))
+        tri = scene.tri.long()
+        for i in voters:
+            far = (ids[i] >= 0) & (ids[i] < M) & ~near[i] & (base_valid[i] > 0.5) & ~missing[i]
+            yx = torch.nonzero(far)
+            if len(yx) < self.cfg.consensus_min_pixels:
+                continue
+            r = rast[i, yx[:, 0], yx[:, 1]]
+            t = tri[r[:, 3].long() - 1]
+            u, w = r[:, 0:1], r[:, 1:2]
+            X = u * scene.verts[t[:, 0]] + w * scene.verts[t[:, 1]] + (1 - u - w) * scene.verts[t[:, 2]]
+            Xh = torch.cat([X, torch.ones_like(X[:, :1])], -1)
+            votes = torch.zeros(len(X), device=X.device)
+            seen = torch.zeros(len(X), device=X.device)
+            for j in voters:
+                if j == i:
+                    continue
+                x = Xh @ P[j].T
+                z = x[:, 2]
+                uv = x[:, :2] / z.clamp_min(1e-6)[:, None]
+                px, py = uv[:, 0].floor().long(), uv[:, 1].floor().long()
+                inb = (z > 0) & (px >= 0) & (px < W) & (py >= 0) & (py < H)
+                inb &= self.inside[j, py.clamp(0, H - 1), px.clamp(0, W - 1)] > 0.5
+                hit = inb & grown[j, py.clamp(0, H - 1), px.clamp(0, W - 1)]
+                seen += inb.float()
+                votes += hit.float()
+            ok = (seen >= 2) & (votes >= self.cfg.consensus_ratio * seen)
+            n = int(ok.sum())
+            if n < self.cfg.consensus_min_pixels:
+                continue
+            support = torch.zeros_like(far)
+            support[yx[ok, 0], yx[ok, 1]] = True
+            region = _dilate(support[None], self._px(self.cfg.consensus_outside_px) + 1)[0] & (self.target[i] < 0.5)
+            region &= (ids[i] >= 0) & (ids[i] < M) | _dilate(support[None], 1)[0]
+            missing[i] |= region
+            if status[i] == "ok":
+                status[i] = "partial"
+            notes[i] = (notes[i] + "; " if notes[i] else "") + (
+                f"mask misses {n} px of the hands (farther than {self.cfg.consensus_outside_px:g} px from it) that "
+                f">= {self.cfg.consensus_ratio:.0%} of the other views' masks contain; that region is ignored")
+            log.warning("masks: view %s is partial: %s", self.names[i], notes[i])
 
 
 def _iou(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> list[float]:

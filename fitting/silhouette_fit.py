@@ -105,8 +105,10 @@ def run(scan: Scan, state: State, conf: Mapping[str, Any] | None) -> State:
     cfg = SilhouetteFitConf.from_conf(conf)
     if not state.params:
         raise ValueError("silhouette_fit needs fitted hands: list hand_fit before silhouette_fit in pipeline.stages")
-    if all(v.mask is None for v in scan.views):
-        raise ValueError("silhouette_fit needs masks: the scan has none (drop the stage from pipeline.stages)")
+    if all(v.mask is None for v in scan.views):  # e.g. InterHand2.6M: nothing to fit against
+        log.warning("silhouette_fit: the scan has no masks; the hands are left as the keypoint fit made them")
+        state.metrics["silhouette_fit"] = {"skipped": "the scan has no masks", "iou_mean": None}
+        return state
     device = Lo.stage_device(conf)
     ctx = Lo.render_context(conf, device)
     sides = [s for s in scan.sides if s in state.params]
@@ -132,11 +134,11 @@ def run(scan: Scan, state: State, conf: Mapping[str, Any] | None) -> State:
     with torch.no_grad():
         out0 = {s: models[s].forward(params[s]) for s in sides}
     hands0 = meshes(out0)
-    vm = builder.build(hands0, sides, decide=True)
+    vm = builder.build(hands0, sides, decide=True, consensus=False)
     before = iou_report(_coverage(ctx, builder, hands0), vm)
     gt_before = gt_errors(scan, {s: (out0[s].vertices[0], models[s].faces) for s in sides})
 
-    losses = _optimise(cfg, fit_ctx, ctx, builder, models, params, sides, meshes, vm, offsets)
+    losses, vm = _optimise(cfg, fit_ctx, ctx, builder, models, params, sides, meshes, vm, offsets)
 
     with torch.no_grad():
         out1 = {s: models[s].forward(params[s]) for s in sides}
@@ -207,11 +209,12 @@ def _optimise(
     meshes: Any,
     vm: ViewMasks,
     offsets: torch.Tensor,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], ViewMasks]:
     """Adam over the chosen parameters of both hands (and the camera corrections) with the lr
-    decaying to a tenth; the image terms only render the views that were not dropped."""
+    decaying to a tenth; the image terms only render the views that were not dropped. Returns
+    the last loss terms and the mask decisions as they stand at the end."""
     if cfg.iterations <= 0:
-        return {}
+        return {}, vm
     kept = [i for i in range(len(vm.names)) if float(vm.view_weight[i]) > 0]
     cams = [builder.cameras[i] for i in kept]
     P_all = torch.as_tensor(projection_matrices(builder.cameras), dtype=torch.float32, device=builder.device)
@@ -219,7 +222,8 @@ def _optimise(
     with torch.no_grad():
         base = Lo.merge(*zip(*meshes({s: models[s].forward(params[s]) for s in sides})))
     topo = antialias_construct_topology_hash(base.tri)
-    contours = Lo.mask_contours(vm.target[kept], vm.valid[kept], cfg.contour_margin_px, cfg.contour_points)
+    contours = Lo.mask_contours(vm.target[kept], vm.valid[kept], cfg.contour_margin_px, cfg.contour_points,
+                                vm.inside[kept])
     groups = []
     scales = {"transl": cfg.transl_lr_scale, "betas": cfg.betas_lr_scale}
     for p in params.values():
@@ -237,12 +241,15 @@ def _optimise(
     terms: dict[str, torch.Tensor] = {}
     bar = _progress(range(cfg.iterations), "silhouette_fit")
     for it in bar:
-        if it > 0 and cfg.mask_update_every > 0 and it % cfg.mask_update_every == 0:
+        halfway = it == cfg.iterations // 2
+        if it > 0 and (halfway or (cfg.mask_update_every > 0 and it % cfg.mask_update_every == 0)):
             with torch.no_grad():
                 builder.offsets = offsets.detach()
-                vm = builder.build(meshes({s: models[s].forward(params[s]) for s in sides}), sides, decide=False,
+                # halfway, with hands and cameras close: judge the parts of hands masks miss
+                vm = builder.build(meshes({s: models[s].forward(params[s]) for s in sides}), sides, decide=halfway,
                                    previous=vm)
-            contours = Lo.mask_contours(vm.target[kept], vm.valid[kept], cfg.contour_margin_px, cfg.contour_points)
+            contours = Lo.mask_contours(vm.target[kept], vm.valid[kept], cfg.contour_margin_px, cfg.contour_points,
+                                vm.inside[kept])
         opt.zero_grad(set_to_none=True)
         off = offsets if cfg.refine_cameras else None
         # the keypoint terms see the corrected cameras too (view order of the scan = canvas order)
@@ -279,7 +286,7 @@ def _optimise(
     for p in params.values():
         for n in PARAM_NAMES:
             getattr(p, n).requires_grad_(False)
-    return {k: float(v.detach()) for k, v in terms.items()}
+    return {k: float(v.detach()) for k, v in terms.items()}, vm
 
 
 # ----------------------------------------------------------------------------------- ground truth

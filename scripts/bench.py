@@ -1,4 +1,4 @@
-"""Benchmarks: ``python scripts/bench.py render [...]``.
+"""Benchmarks: ``python scripts/bench.py render|gcn|fit [...]``.
 
 One subcommand per benchmark, each a ``bench_<name>(args)`` function registered in
 ``SUBCOMMANDS`` with its own argument setup, so later ones (``fit``, ``gcn``) slot in the same way.
@@ -7,6 +7,9 @@ One subcommand per benchmark, each a ``bench_<name>(args)`` function registered 
 over a grid of views x resolution x faces on a hand-like multi-part mesh, per available
 backend, with peak memory, and checks the targets (cpu: 13 views, 320x256, 100k faces in
 <= 1.0 s forward + backward; nvdiffrast: 13 views, 1280x1024, 200k faces in <= 5 ms).
+
+``fit`` runs a whole fit (``--conf``, ``--scan_id``, ``--data_path``, ``--set`` as for fit.py, every
+stage recomputed) and prints each stage's wall time and peak memory.
 """
 from __future__ import annotations
 
@@ -352,6 +355,60 @@ def _add_gcn(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=bench_gcn)
 
 
+# ----------------------------------------------------------------------------- fit
+
+
+def bench_fit(args: argparse.Namespace) -> int:
+    """Run fit.py's pipeline on one scan (all stages recomputed) and print per-stage wall time,
+    peak resident memory (and peak GPU memory on CUDA), plus the writing of the outputs."""
+    import tempfile
+    from pathlib import Path
+
+    import fit
+    from export.outputs import write_outputs
+    from fitting.pipeline import read_scan, run_pipeline, scan_identity, setup_logging
+
+    argv = ["--conf", args.conf] + (["--scan_id", args.scan_id] if args.scan_id else []) + \
+        (["--data_path", args.data_path] if args.data_path else []) + sum((["--set", s] for s in args.set), [])
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_fit_"))
+    conf, data_path, scan_id, _ = fit.prepare(fit.parse_args(argv + ["--out", str(out)]))
+    tree = conf.tree
+    fit.resolve_scale(tree, data_path, scan_id)
+    setup_logging(out, "WARNING")
+    t0 = time.perf_counter()
+    scan = read_scan(tree, data_path, scan_id)
+    t_read = time.perf_counter() - t0
+    state = run_pipeline(scan, tree, out, identity=scan_identity(tree, data_path, scan_id), restart=True)
+    t1 = time.perf_counter()
+    write_outputs(scan, state, tree, out, {"conf": conf.name, "scan_id": scan_id, "scale": float(tree["data"]["scale"])})
+    t_out = time.perf_counter() - t1
+    H, W = scan.views[0].camera.height, scan.views[0].camera.width
+    print(f"fit {conf.name} scan {scan_id}: {len(scan.views)} views at {W}x{H}, device {conf.device}, "
+          f"torch threads {torch.get_num_threads()}; outputs in {out}")
+    print(f"{'stage':<16}{'time s':>10}{'peak MB':>10}{'peak GPU MB':>13}")
+    print(f"{'read':<16}{t_read:>10.2f}{'':>10}{'':>13}")
+    total = t_read + t_out
+    for name in tree["pipeline"]["stages"]:
+        m = state.metrics.get(name, {})
+        gpu = m.get("peak_gpu_mem_mb")
+        total += float(m.get("time_s", 0.0))
+        print(f"{name:<16}{float(m.get('time_s', float('nan'))):>10.2f}{float(m.get('peak_mem_mb', float('nan'))):>10.0f}"
+              f"{'' if gpu is None else f'{gpu:.0f}':>13}")
+    print(f"{'outputs':<16}{t_out:>10.2f}")
+    print(f"{'total':<16}{total:>10.2f}")
+    return 0
+
+
+def _add_fit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fit", help="per-stage time and memory of a whole fit (fit.py's pipeline)")
+    p.add_argument("--conf", default="conf/demo_sfs.conf", help="conf file")
+    p.add_argument("--scan_id", default=None, help="scan (default: the conf's)")
+    p.add_argument("--data_path", default=None, help="folder of scans (default: the conf's)")
+    p.add_argument("--out", default=None, help="output folder (default: a temporary one)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="conf override (repeatable)")
+    p.set_defaults(func=bench_fit)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -369,7 +426,7 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=bench_render)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_render, _add_gcn]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_render, _add_gcn, _add_fit]
 
 
 def main(argv: list[str] | None = None) -> int:

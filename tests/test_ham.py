@@ -78,7 +78,9 @@ def _displaced_hand(levels: int = 1):
     return model, p, sub.faces, fine, albedo
 
 
-def test_ham_reduces_surface_and_normal_error_on_a_rendered_hand():
+@pytest.fixture(scope="module")
+def ham_run():
+    """HAM on a rendered hand with a known fine surface, albedo and SH; 6 views of 128x112."""
     ctx = make_context("cpu")
     model, p, faces, fine, albedo = _displaced_hand()
     sh = torch.zeros(9, 3)
@@ -89,12 +91,18 @@ def test_ham_reduces_surface_and_normal_error_on_a_rendered_hand():
     cams = ring_cameras(6, (128, 112), target, dist=0.4, f=220.0, elevation=0.6)
     images, masks = _photos(ctx, fine, faces, albedo, sh, cams, (112, 128))
     gt = GroundTruth(vertices={"right": fine.numpy().astype(np.float64)}, faces={"right": faces.numpy()})
-    scan = Scan([View(c.name, c, image=images[i], mask=masks[i]) for i, c in enumerate(cams)], sides=("right",), gt=gt)
+    views = [View(c.name, c, image=images[i], mask=masks[i]) for i, c in enumerate(cams)]
+    scan = Scan(views, sides=("right",), gt=gt)
     st = State()
     st.params["right"] = p.detach()
     conf = {"device": "cpu", "data": {"scale": 1.0}, "hand_model": {"name": "builtin"}, "log": {"progress": False},
             "ham": {"levels": 1, "iterations_appearance": 40, "iterations_geometry": 120, "mask_update_every": 0}}
     st = HAM.run(scan, st, conf)
+    return scan, st, fine, faces, cams
+
+
+def test_ham_reduces_surface_and_normal_error_on_a_rendered_hand(ham_run):
+    scan, st, fine, faces, cams = ham_run
     m = st.metrics["ham"]
     before, after = m["gt"]["input"], m["gt"]["after"]
     assert after["p2s_mm"] < 0.8 * before["p2s_mm"], (before, after)
@@ -106,6 +114,41 @@ def test_ham_reduces_surface_and_normal_error_on_a_rendered_hand():
     assert rec["skin_weights"].shape == (len(fine), 16)
     assert torch.allclose(rec["skin_weights"].sum(1), torch.ones(len(fine)), atol=1e-4)
     assert st.lighting["sh"].shape == (6, 9, 3) and st.lighting["views"] == [c.name for c in cams]
+
+
+def test_run_outputs_load_back_with_trimesh(ham_run, tmp_path):
+    """write_outputs of a run with ham: textured OBJ/MTL/PNG, PLY, the two-hand scene, per-view
+    images, metrics.json and report.html, all readable."""
+    import json
+
+    import trimesh
+
+    from export.outputs import write_outputs
+    from export.texture import load_refined
+
+    scan, st, fine, faces, cams = ham_run
+    st.metrics.setdefault("silhouette_fit", {"views": {c.name: {"iou": 0.9, "status": "ok"} for c in cams}})
+    conf = {"device": "cpu", "data": {"scale": 1.0}, "hand_model": {"name": "builtin"}, "masks": {},
+            "output": {"mesh_formats": ["obj", "ply"], "scene_format": "glb", "overlays": True, "report": True,
+                       "texture_size": 128}}
+    write_outputs(scan, st, conf, tmp_path, {"conf": "test", "scan_id": "t"})
+    obj = trimesh.load(tmp_path / "hand_right_refined.obj", process=False, force="mesh")
+    assert len(obj.faces) == len(faces) and obj.visual.material.image.size == (128, 128)
+    ply = trimesh.load(tmp_path / "hand_right_refined.ply", process=False)
+    assert np.allclose(ply.vertices, st.refined["right"]["vertices"].numpy(), atol=1e-6)
+    scene = trimesh.load(tmp_path / "hands_refined.glb")
+    assert isinstance(scene, trimesh.Scene) and len(scene.geometry) == 1
+    refined, light = load_refined(tmp_path / "refined.npz")
+    assert np.allclose(refined["right"]["vertices"], st.refined["right"]["vertices"].numpy())
+    assert np.allclose(refined["right"]["displacement"], st.refined["right"]["displacement"].numpy())
+    assert light["views"] == [c.name for c in cams]
+    for kind in ("shaded", "albedo", "normals", "overlay_render"):
+        assert all((tmp_path / "images" / "ham" / f"{kind}_{c.name}.png").is_file() for c in cams)
+    assert all((tmp_path / "images" / "silhouette_fit" / f"silhouette_{c.name}.png").is_file() for c in cams)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["stages"]["ham"]["views"]["00"]["psnr"] > 20
+    html = (tmp_path / "report.html").read_text()
+    assert "images/ham/shaded_00.png" in html and "per view after ham" in html
 
 
 def test_subdivision_keeps_topology_family_and_carries_uvs():
@@ -183,3 +226,27 @@ def test_refined_files_refuse_nan(tmp_path):
     with pytest.raises(NonFiniteError):
         save_refined(tmp_path / "refined.npz", {"right": {"vertices": v}}, {})
     assert not (tmp_path / "refined.npz").exists()
+
+
+def test_without_masks_silhouette_fit_passes_and_ham_uses_the_render_coverage():
+    """A capture without segmentation (InterHand2.6M): nothing breaks, colour is still fitted."""
+    from fitting import silhouette_fit as SF
+
+    ctx = make_context("cpu")
+    model, p, faces, fine, albedo = _displaced_hand()
+    sh = torch.zeros(9, 3)
+    sh[0] = 2.6
+    cams = ring_cameras(3, (64, 56), fine.mean(0).numpy().astype(np.float64), dist=0.4, f=110.0)
+    images, _ = _photos(ctx, fine, faces, albedo, sh, cams, (56, 64))
+    scan = Scan([View(c.name, c, image=images[i], mask=None) for i, c in enumerate(cams)], sides=("right",))
+    st = State()
+    st.params["right"] = p.detach()
+    conf = {"device": "cpu", "data": {"scale": 1.0}, "hand_model": {"name": "builtin"}, "log": {"progress": False},
+            "ham": {"levels": 1, "iterations_appearance": 30, "iterations_geometry": 5}}
+    st = SF.run(scan, st, conf)
+    assert st.metrics["silhouette_fit"]["skipped"]
+    st = HAM.run(scan, st, conf)
+    m = st.metrics["ham"]
+    assert all(v["region"] == "render" for v in m["views"].values())
+    assert m["psnr_mean"] is not None and m["psnr_mean"] > 22.0
+    assert "silhouette" not in m["losses"]["geometry"] and "contour" not in m["losses"]["geometry"]

@@ -221,13 +221,13 @@ def test_silhouette_fit_recovers_a_perturbed_hand_despite_forearm_and_broken_mas
     m = st.metrics["silhouette_fit"]
     assert m["dropped_views"] == ["04"]
     assert m["iou_mean"] > m["iou_mean_before"] + 0.05
-    assert m["iou_mean"] > 0.86
+    assert m["iou_mean"] > 0.93
     with torch.no_grad():
         out_true, out0, out1 = model.forward(p), model.forward(start), model.forward(st.params["right"])
     v1 = out1.vertices[0]
     err0 = float(torch.linalg.norm(out0.vertices[0] - out_true.vertices[0], dim=1).mean())
     err1 = float(torch.linalg.norm(v1 - out_true.vertices[0], dim=1).mean())
-    assert err1 < 0.6 * err0, (err0, err1)
+    assert err1 < 0.5 * err0, (err0, err1)
     # not dragged up the forearm: the wrist did not move towards the elbow
     axis = out_true.joints[0, 0] - out_true.joints[0, 9]
     axis = axis / torch.linalg.norm(axis)
@@ -238,7 +238,7 @@ def test_silhouette_fit_recovers_a_perturbed_hand_despite_forearm_and_broken_mas
         return float(np.mean([silhouette_iou(cov[i] > 0.5, masks[i]) for i in range(4)]))
 
     # against the hand-only masks (which the fit never saw): clearly better
-    assert true_iou(v1) > true_iou(out0.vertices[0]) + 0.08
+    assert true_iou(v1) > true_iou(out0.vertices[0]) + 0.15
 
 
 def test_camera_correction_recovers_a_shifted_principal_point():
