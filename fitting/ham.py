@@ -10,7 +10,8 @@ and silhouette fits left a few millimetres off, which normal offsets can only fa
 so that shape corrections of millimetres converge as fast as the fine detail. Two phases as in FMHR:
 
 (a) albedo + lighting with the geometry fixed (the raster is computed once and reused);
-(b) geometry + albedo + lighting.
+(b) geometry + albedo + lighting;
+then (a) once more on the final geometry (``iterations_final``), which costs little.
 
 Both hands are one scene (one rasterization; occlusion between them is right). Data terms:
 photometric (the antialiased render, converted to sRGB once at the loss, against the photo inside
@@ -62,6 +63,7 @@ class HamConf:
     sh_per_view: bool = True  # per-view SH (tied by the light term), else one SH for all views
     iterations_appearance: int = 80  # phase (a): albedo + lighting, geometry fixed
     iterations_geometry: int = 250  # phase (b): displacements + albedo (+ lighting)
+    iterations_final: int = 60  # albedo + lighting again on the final geometry
     lr_albedo: float = 0.02
     lr_sh: float = 0.02
     lr_displacement: float = 0.00005  # metres per Adam step, fine displacement
@@ -211,6 +213,8 @@ def run(scan: Scan, state: State, conf: Mapping[str, Any] | None) -> State:
     unk = init_unknowns(prob, cfg)
     losses_a = optimize_appearance(prob, unk, cfg, prob.kept, cfg.iterations_appearance, "ham appearance")
     losses_b = optimize_geometry(prob, unk, cfg)
+    # albedo and lighting once more on the final geometry (its raster reused: cheap)
+    losses_c = optimize_appearance(prob, unk, cfg, prob.kept, cfg.iterations_final, "ham appearance (final)")
     dropped = [i for i in range(prob.V) if i not in prob.kept]
     if dropped and cfg.sh_per_view:  # lighting of views without a usable mask, on the render's own coverage
         prob.use_render_coverage(unk, dropped)
@@ -218,7 +222,7 @@ def run(scan: Scan, state: State, conf: Mapping[str, Any] | None) -> State:
                             lighting_only=True)
 
     metrics = evaluate(prob, unk)
-    metrics["losses"] = {"appearance": losses_a, "geometry": losses_b}
+    metrics["losses"] = {"appearance": losses_a, "geometry": losses_b, "final": losses_c}
     metrics["levels"] = cfg.levels
     metrics["vertices"] = {h.side: h.num_vertices for h in hands}
     metrics["faces"] = {h.side: int(h.faces.shape[0]) for h in hands}

@@ -16,6 +16,12 @@ Fitting against them as they are pulls the hand up the arm and into the fragment
 - *Missing hands*: in a kept view, a hand whose visible render is mostly outside the mask
   (coverage below ``missing_hand_coverage``) was not segmented there; that hand's region (dilated)
   is ignored in that view and the view is reported as partial.
+- *Missing parts* (multi-view consensus, once the hands fit well): rendered hand pixels far
+  outside a view's mask whose surface points the other views' masks contain (most of them) are
+  that mask's misses (fingers lost against a bright background), ignored and reported.
+
+Only mask pixels are ever ignored for the forearm: a background pixel beside the arm stays
+background, so a hand bulging into it still pays.
 
 Everything here runs without gradient: it decides weight maps, the losses use them.
 Views of different image sizes are rendered on a common canvas (``pad_cameras``): a camera with

@@ -1,16 +1,24 @@
 """Stage ``silhouette_fit``: the keypoint-fitted hands refined against the scan's masks.
 
 Why after ``hand_fit``: keypoints fix the pose but not the shape, the finger thickness or the
-exact placement; silhouettes do. Both hands are rendered in one scene (``losses.render_silhouette``: one
-rasterization, antialiased per-mesh coverage) so where one hand occludes the other the mask is
-explained by the front one. The loss is the keypoint terms and priors of ``fitting.hand_fit``
-(imported, same definitions, weights from ``silhouette_fit.weights``) plus the silhouette term
-of ``fitting.losses`` over the weight maps of ``fitting.masks`` (forearm, broken views and
-missing hands ignored) plus an interpenetration penalty between the two hands.
+exact placement; silhouettes do. Both hands are rendered in one scene
+(``losses.render_silhouette``: one rasterization, so where one hand occludes the other the mask
+is explained by the front one). The loss is the keypoint terms and priors of ``fitting.hand_fit``
+(imported, same definitions, weights from ``silhouette_fit.weights``), the antialiased coverage
+and contour terms of ``fitting.losses`` over the weight maps of ``fitting.masks`` (forearm,
+broken views, missing hands and, from halfway on, the parts of hands a mask misses, ignored) and
+an interpenetration penalty between the two hands.
+
+Camera corrections: a per-view principal-point shift is estimated with the hands (prior std
+``camera_sigma_px``). Calibrations are rarely consistent to a pixel, and one bad camera (the demo
+capture's view 06 is ~35 px off the others, seen both in the keypoints' reprojections and in the
+silhouettes) otherwise pulls both hands out of place in every view. The corrections are stored
+in the metrics (``camera_offsets_px``, pixels of the original images) and applied by ``ham``, the
+exporters and ``scripts/render_views.py`` (``camera_offsets``).
 
 Metrics: IoU per view before and after (three ways, see ``fitting.masks.iou_report``), the views
-dropped or partial and why, the last loss terms, and errors against the ground truth when the
-scan has it (point-to-surface from the true mesh, normal angle).
+dropped or partial and why, the camera corrections, the last loss terms, and errors against the
+ground truth when the scan has it (point-to-surface from the true mesh, normal angle).
 """
 from __future__ import annotations
 
