@@ -70,6 +70,9 @@ class Scan:
     source: str = ""
     scale_mat: np.ndarray | None = None  # FMHR's normalisation (normalised -> world); kept, not used
     gt: GroundTruth | None = None
+    # Views kept out of every fitting stage (``data.holdout_views``): the image stages evaluate
+    # novel-view rendering on them, never fit to them.
+    holdout: list[View] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.views:
@@ -77,7 +80,7 @@ class Scan:
         names = [v.name for v in self.views]
         if len(set(names)) != len(names):
             raise ScanError(f"scan {self.scan_id}: duplicate view names {names}")
-        for v in self.views:
+        for v in self.views + self.holdout:
             v.validate(self.source)
 
     @property
@@ -91,4 +94,21 @@ class Scan:
         raise KeyError(f"scan {self.scan_id} has no view {name!r}; it has {[v.name for v in self.views]}")
 
     def subset(self, names: list[str]) -> "Scan":
-        return Scan([self.view(n) for n in names], self.sides, self.scan_id, self.source, self.scale_mat, self.gt)
+        held = [v for v in self.holdout if v.name in names]
+        kept = [self.view(n) for n in names if n not in {v.name for v in held}]
+        return Scan(kept, self.sides, self.scan_id, self.source, self.scale_mat, self.gt, held)
+
+    def hold_out(self, names: list[str]) -> "Scan":
+        """This scan with the views ``names`` moved from ``views`` to ``holdout``."""
+        if not names:
+            return self
+        known = [v.name for v in self.views]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ScanError(f"scan {self.scan_id} at {self.source or '?'}: holdout views {unknown} are not "
+                            f"among its views {known}; fix data.holdout_views")
+        kept = [v for v in self.views if v.name not in names]
+        if not kept:
+            raise ScanError(f"scan {self.scan_id}: data.holdout_views holds out every view; keep at least one")
+        return Scan(kept, self.sides, self.scan_id, self.source, self.scale_mat, self.gt,
+                    self.holdout + [v for v in self.views if v.name in names])

@@ -73,6 +73,7 @@ def register(name: str, target: str | StageFn, conf_sections: Iterable[str] = ()
 register("pose_fit", "fitting.pose_fit:run", ("data",))
 register("init", "fitting.init_gcn:run", ("data", "hand_model"))
 register("hand_fit", "fitting.hand_fit:run", ("data", "hand_model"))
+register("identity", "fitting.identity:run", ("data", "hand_model"))  # a calibrated shape into a single-frame fit
 register("silhouette_fit", "fitting.silhouette_fit:run", ("data", "hand_model", "hand_fit", "masks", "renderer"))
 register("ham", "fitting.ham:run", ("data", "hand_model", "masks", "renderer"))
 
@@ -249,6 +250,12 @@ def read_scan(tree: Mapping[str, Any], data_path: str | Path, scan_id: str, load
     fmt = str(data["format"])
     scale = float(data["scale"])
     views = [str(v) for v in data["views"]] or None
+    holdout = [str(v) for v in data["holdout_views"]]
+    return _read_scan(data, fmt, scale, views, data_path, scan_id, load_images).hold_out(holdout)
+
+
+def _read_scan(data: Mapping[str, Any], fmt: str, scale: float, views: list[str] | None,
+               data_path: str | Path, scan_id: str, load_images: bool) -> Any:
     if fmt == "fmhr":
         from capture.fmhr import read_fmhr
 
@@ -279,6 +286,7 @@ def scan_identity(tree: Mapping[str, Any], data_path: str | Path, scan_id: str) 
         "scan_id": str(scan_id),
         "scale": float(data["scale"]),
         "views": [str(v) for v in data["views"]],
+        "holdout_views": [str(v) for v in data["holdout_views"]],
         "split": str(data["split"]) if str(data["format"]) == "interhand" else None,
     }
 

@@ -509,3 +509,14 @@ def test_detect_both_hands_on_demo_view_00_with_anatomical_labels(tmp_path):
     assert detect_scan(tmp_path, 1) == {}  # an existing pose file is kept
     assert detect_scan(tmp_path, 1, overwrite=True) == {"00": ["left", "right"]}
     assert json.loads((scan_dir / "pose" / "00.json").read_text()) == json.loads(before)
+
+
+def test_holdout_views_leave_fitting_and_unknown_names_are_errors():
+    scan = make_scan(names=("00", "02", "07"), images=False)
+    split = scan.hold_out(["02"])
+    assert [v.name for v in split.views] == ["00", "07"] and [v.name for v in split.holdout] == ["02"]
+    assert [v.name for v in split.subset(["00", "02"]).holdout] == ["02"]
+    with pytest.raises(ScanError, match=r"holdout views \['05'\].*data.holdout_views"):
+        scan.hold_out(["05"])
+    with pytest.raises(ScanError, match="every view"):
+        scan.hold_out(["00", "02", "07"])

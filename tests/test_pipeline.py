@@ -133,7 +133,7 @@ def test_second_run_resumes_everything(tmp_path: Path):
     assert _calls(calls) == ["pose_fit", "hand_fit"]
     _same(first, second)
     assert second.metrics["hand_fit"]["time_s"] == first.metrics["hand_fit"]["time_s"]
-    assert (out / "run.log").read_text().count("resumed") == 2
+    assert (out / "run.log").read_text().count("resumed") == 3
 
 
 def test_crash_in_stage_two_resumes_from_stage_one(tmp_path: Path, monkeypatch):
@@ -390,15 +390,18 @@ def test_fit_default_data_path_is_the_embedded_demo_data(tmp_path: Path, capsys,
 
 def test_fit_end_to_end_on_the_demo_capture(fmhr_demo_path: Path, tmp_path: Path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    # the real capture through the main conf, cut short: ham has its own tests
     quick = ["--set", "data.scale=0.25", "--set", "hand_fit.iterations_global=2",
-             "--set", "hand_fit.iterations_full=3", "--set", "log.progress=false"]
+             "--set", "hand_fit.iterations_full=3", "--set", "log.progress=false",
+             "--set", "pipeline.stages=[pose_fit, hand_fit, silhouette_fit]",
+             "--set", "silhouette_fit.iterations=3"]
     argv = ["--conf", str(REPO / "conf" / "demo_sfs.conf"), "--data_path", str(fmhr_demo_path), *quick]
     rc, err = _fit(argv, capsys)
     assert rc == 0, err
     out = tmp_path / "runs" / "demo_sfs" / "1"  # the default out dir, under the CWD
     for name in ("stages/00_pose_fit.pt", "stages/01_hand_fit.pt", "metrics.json", "report.html", "run.log",
                  "keypoints3d.json", "hand_params.json", "hand_left.obj", "hand_right.ply", "hands.glb",
-                 "conf.resolved.conf", "images/pose_fit/overlay_07.png", "images/hand_fit/overlay_07.png"):
+                 "conf.resolved.conf", "images/pose_fit/overlay_07.png", "images/silhouette_fit/overlay_07.png"):
         assert (out / name).is_file(), name
     import json
 
@@ -408,7 +411,7 @@ def test_fit_end_to_end_on_the_demo_capture(fmhr_demo_path: Path, tmp_path: Path
     first = (out / "stages" / "01_hand_fit.pt").stat().st_mtime_ns
     rc, err = _fit(argv, capsys)
     assert rc == 0 and (out / "stages" / "01_hand_fit.pt").stat().st_mtime_ns == first
-    assert (out / "run.log").read_text().count("resumed") == 2
+    assert (out / "run.log").read_text().count("resumed") == 3
     # the MANO model is licensed and absent here: one clear line, exit 2
     monkeypatch.setenv("MANO_DIR", str(tmp_path / "no_mano"))
     rc, err = _fit([*argv, "--set", "hand_model.name=mano", "--out", str(tmp_path / "mano")], capsys)
