@@ -222,6 +222,8 @@ def run(scan: Scan, state: State, conf: Mapping[str, Any] | None) -> State:
                             lighting_only=True)
 
     metrics = evaluate(prob, unk)
+    if scan.holdout:
+        metrics["holdout"] = evaluate_holdout(prob, unk, scan.holdout, MaskConf.from_conf(conf))
     metrics["losses"] = {"appearance": losses_a, "geometry": losses_b, "final": losses_c}
     metrics["levels"] = cfg.levels
     metrics["vertices"] = {h.side: h.num_vertices for h in hands}
@@ -620,6 +622,56 @@ def evaluate(prob: Problem, unk: Unknowns) -> dict[str, Any]:
         "dropped_views": ious["dropped_views"],
         "partial_views": ious["partial_views"],
     }
+
+
+def evaluate_holdout(prob: Problem, unk: Unknowns, views: Sequence[Any], mcfg: MaskConf | None = None) -> dict[str, Any]:
+    """Novel-view check on views kept out of every fit (``scan.holdout``): the refined hands
+    rendered with the mean SH of the fitted views (as ``scripts/render_views.py`` renders a camera
+    it never saw) and no camera correction; per view IoU (``iou_report``: raw, without forearm,
+    usable), PSNR / SSIM over the usable mask pixels the render covers (``psnr_full_mask`` over
+    all usable mask pixels), and their means. A view without a mask is measured on the render's
+    own coverage (``region: render``, no IoU)."""
+    held = Scan(list(views), prob.scan.sides, prob.scan.scan_id, prob.scan.source)
+    sh_all = unk.sh.detach() if unk.sh.ndim == 3 else unk.sh.detach().unsqueeze(0)
+    sh_mean = (sh_all[prob.kept] if unk.sh.ndim == 3 and prob.kept else sh_all).mean(0)
+    builder = MaskBuilder(held, mcfg or MaskConf(), prob.ctx, prob.scale, prob.device)
+    verts = [unk.vertices(h).detach() for h in prob.hands]
+    faces = [h.faces for h in prob.hands]
+    meshes = list(zip(verts, faces))
+    # broken / partial judgement among the held-out masks themselves (no consensus: it needs the fitted views)
+    vm = builder.build(meshes, [h.side for h in prob.hands], decide=True, consensus=False)
+    V = len(builder.names)
+    rv = render_views(prob.ctx, verts, faces, [unk.albedo_of(h.side) for h in prob.hands],
+                      sh_mean.unsqueeze(0).expand(V, -1, -1), builder.cameras, builder.hw)
+    ious = iou_report(torch.as_tensor(rv.coverage, device=prob.device), vm)
+    photo = pad_stack([v.image for v in held.views], builder.hw, channels=3).numpy()
+    usable = (vm.valid * vm.target).cpu().numpy() > 0.5
+    covered = rv.coverage > 0.5
+    inside = builder.inside.cpu().numpy() > 0.5
+    out: dict[str, Any] = {}
+    for i, v in enumerate(held.views):
+        if v.image is None:
+            out[v.name] = {"psnr": None, "ssim": None, "region": "none", "note": "no photo"}
+            continue
+        if v.mask is not None:
+            rec: dict[str, Any] = dict(ious["views"][v.name])
+            rec.update(photo_metrics(rv.shaded[i], photo[i], usable[i] & covered[i]))
+            rec["psnr_full_mask"] = photo_metrics(rv.shaded[i], photo[i], usable[i])["psnr"]
+            rec["region"] = "mask"
+        else:
+            rec = photo_metrics(rv.shaded[i], photo[i], _erode_np(covered[i] & inside[i]))
+            rec["region"] = "render"
+        out[v.name] = rec
+
+    def mean(key: str, judged: bool = False) -> float | None:
+        vals = [r[key] for r in out.values() if r.get(key) is not None and not (judged and r.get("status") == "dropped")]
+        return float(np.mean(vals)) if vals else None
+
+    res = {"views": out, "psnr_mean": mean("psnr"), "ssim_mean": mean("ssim"), "iou_mean": mean("iou", True),
+           "iou_raw_mean": mean("iou_raw"), "lighting": "mean SH of the fitted views", "dropped_views": ious["dropped_views"]}
+    log.info("ham: held-out views %s: PSNR mean %s dB, SSIM mean %s, IoU mean %s", list(out),
+             *(f"{res[k]:.3f}" if res[k] is not None else "-" for k in ("psnr_mean", "ssim_mean", "iou_mean")))
+    return res
 
 
 def _erode_np(m: np.ndarray) -> np.ndarray:

@@ -89,10 +89,13 @@ def ham_run():
     sh[1] = torch.tensor([-0.5, -0.5, -0.4])  # and from above (-y)
     target = fine.mean(0).numpy().astype(np.float64)
     cams = ring_cameras(6, (128, 112), target, dist=0.4, f=220.0, elevation=0.6)
-    images, masks = _photos(ctx, fine, faces, albedo, sh, cams, (112, 128))
+    # one more camera, higher above the hand than the ring, held out of the fit (novel view)
+    hc = ring_cameras(1, (128, 112), target, dist=0.4, f=220.0, elevation=1.0)[0]
+    held_cam = type(hc)(hc.K, hc.R, hc.t, hc.width, hc.height, "10")
+    images, masks = _photos(ctx, fine, faces, albedo, sh, cams + [held_cam], (112, 128))
     gt = GroundTruth(vertices={"right": fine.numpy().astype(np.float64)}, faces={"right": faces.numpy()})
-    views = [View(c.name, c, image=images[i], mask=masks[i]) for i, c in enumerate(cams)]
-    scan = Scan(views, sides=("right",), gt=gt)
+    views = [View(c.name, c, image=images[i], mask=masks[i]) for i, c in enumerate(cams + [held_cam])]
+    scan = Scan(views, sides=("right",), gt=gt).hold_out(["10"])
     st = State()
     st.params["right"] = p.detach()
     conf = {"device": "cpu", "data": {"scale": 1.0}, "hand_model": {"name": "builtin"}, "log": {"progress": False},
@@ -114,6 +117,20 @@ def test_ham_reduces_surface_and_normal_error_on_a_rendered_hand(ham_run):
     assert rec["skin_weights"].shape == (len(fine), 16)
     assert torch.allclose(rec["skin_weights"].sum(1), torch.ones(len(fine)), atol=1e-4)
     assert st.lighting["sh"].shape == (6, 9, 3) and st.lighting["views"] == [c.name for c in cams]
+
+
+def test_held_out_view_is_evaluated_with_the_mean_lighting(ham_run):
+    """A view kept out of the fit is rendered with the refined hand and the fitted views' mean SH:
+    it matches the photo it never saw, and its numbers sit under metrics["ham"]["holdout"]."""
+    scan, st, fine, faces, cams = ham_run
+    assert [v.name for v in scan.holdout] == ["10"] and "10" not in st.lighting["views"]
+    m = st.metrics["ham"]
+    assert "10" not in m["views"]
+    h = m["holdout"]
+    rec = h["views"]["10"]
+    assert rec["region"] == "mask" and rec["status"] != "dropped"
+    assert rec["iou"] > 0.9 and rec["iou_raw"] > 0.9 and rec["psnr"] > 22.0 and rec["ssim"] > 0.5
+    assert h["psnr_mean"] == rec["psnr"] and h["iou_mean"] == rec["iou"] and h["ssim_mean"] == rec["ssim"]
 
 
 def test_run_outputs_load_back_with_trimesh(ham_run, tmp_path):
