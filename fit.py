@@ -4,6 +4,9 @@
     .venv/bin/python fit.py --conf conf/demo_sfs.conf --scan_id 1 \\
         [--data_path DIR] [--out DIR] [--set key=value ...] [--restart]
 
+- ``--scan_id A-B`` (a range, e.g. ``0-29``) runs sequence mode on the frames A..B
+  (``fitting/sequence.py``: per-frame prediction, one calibrated shape per hand, test-time
+  optimisation of every frame), e.g. with ``conf/identity.conf``.
 - ``--data_path`` defaults to the conf's ``data.path``. A relative path resolves against the
   current directory, except the embedded default ``demo_data``, which resolves against the repo
   root so the demo runs from anywhere.
@@ -28,7 +31,7 @@ EXIT_INPUT_ERROR = 2
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="Fine-grained hand reconstruction: fit one capture.")
     ap.add_argument("--conf", required=True, help="conf file, e.g. conf/demo_sfs.conf")
-    ap.add_argument("--scan_id", default=None, help="scan inside the data path (default: the conf's data.scan_id)")
+    ap.add_argument("--scan_id", default=None, help="scan inside the data path, or a range A-B of scans for sequence mode (default: the conf's data.scan_id)")
     ap.add_argument("--data_path", default=None, help="folder of scans (default: the conf's data.path)")
     ap.add_argument("--out", default=None, help="output folder (default: runs/<conf name>/<scan_id>)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -64,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
     from fitting.pipeline import read_scan, run_pipeline, scan_identity, setup_logging
 
     conf, data_path, scan_id, out = prepare(args)
+    from fitting.sequence import parse_scan_range, run_cli
+
+    if parse_scan_range(scan_id) is not None:  # "A-B": a sequence of frames (fitting/sequence.py)
+        return run_cli(conf, data_path, scan_id, out, list(args.overrides), resolve_scale)
     tree = conf.tree
     resolve_scale(tree, data_path, scan_id)
     log = setup_logging(out, str(tree["log"]["level"]))

@@ -338,6 +338,36 @@ def conf_hash(tree: Mapping[str, Any], sections: Iterable[str], identity: Mappin
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# ------------------------------------------------------------------------------ dataclass sections
+def section_dataclass(cls: type, conf: Mapping[str, Any] | None, section: str,
+                      terms: Iterable[str] | None = None) -> Any:
+    """An instance of the dataclass ``cls`` (its defaults) with the keys of ``conf[section]``
+    (no conf or no section: the defaults). Scalars are converted by the type of their default; a
+    dict field (``weights``) is merged into its default, its keys checked against ``terms``
+    (``KeyError`` naming the unknown ones). Fields that need more checks are checked by the caller."""
+    import dataclasses
+
+    tree: Mapping[str, Any] = conf[section] if conf is not None and section in conf else {}
+    known = None if terms is None else tuple(terms)
+    out = cls()
+    for f in dataclasses.fields(out):
+        if f.name not in tree:
+            continue
+        default, value = getattr(out, f.name), tree[f.name]
+        if isinstance(default, dict):
+            given = {str(k): type(next(iter(default.values()), 0.0))(v) for k, v in value.items()}
+            if known is not None:
+                unknown = sorted(set(given) - set(known))
+                if unknown:
+                    raise KeyError(f"{section}.{f.name} names unknown terms {unknown}; known: {list(known)}")
+            setattr(out, f.name, {**default, **given})
+        elif isinstance(default, list):
+            setattr(out, f.name, list(to_plain(value)))
+        else:
+            setattr(out, f.name, type(default)(value))
+    return out
+
+
 # ------------------------------------------------------------------------------------------ paths
 def resolve_data_path(value: str | Path, cwd: Path | None = None) -> Path:
     """Where the captures are. The embedded default ``demo_data`` resolves against the repo root
