@@ -76,10 +76,47 @@ def photometric_loss(render_linear: torch.Tensor, photo_srgb: torch.Tensor, weig
 # ----------------------------------------------------------------------------------- regularisers
 
 
+class _CSRMatMul(torch.autograd.Function):
+    """M @ x with M and M^T held in CSR: torch's COO product (and its backward, which transposes
+    M on every call) costs ten times more on CPU, and optimisation loops multiply by the same
+    subdivision and Laplacian matrices hundreds of times."""
+
+    @staticmethod
+    def forward(ctx: Any, M: torch.Tensor, Mt: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.Mt = Mt
+        return torch.sparse.mm(M, x)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[None, None, torch.Tensor]:  # type: ignore[override]
+        return None, None, torch.sparse.mm(ctx.Mt, g.contiguous())
+
+
+_CSR_CACHE: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] = {}
+
+
+def spmm(M: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Sparse (rows, N) matrix @ x (N,) or (N, C), differentiable w.r.t. x; the CSR forms of M
+    and M^T are made once per matrix (kept while M lives) and per device/dtype."""
+    import weakref
+
+    if x.ndim == 1:
+        return spmm(M, x[:, None])[:, 0]
+    key = id(M)
+    hit = _CSR_CACHE.get(key)
+    if hit is None or hit[0]() is not M or hit[1].device != x.device or hit[1].dtype != x.dtype:
+        Mc = M.to(device=x.device, dtype=x.dtype).coalesce() if M.layout == torch.sparse_coo else \
+            M.to(device=x.device, dtype=x.dtype).to_sparse_coo().coalesce()
+        hit = (weakref.ref(M), Mc.to_sparse_csr(), Mc.t().coalesce().to_sparse_csr())
+        _CSR_CACHE[key] = hit
+        for k in [k for k, v in _CSR_CACHE.items() if v[0]() is None]:
+            del _CSR_CACHE[k]
+    return _CSRMatMul.apply(hit[1], hit[2], x)
+
+
 def laplacian_loss(field: torch.Tensor, laplacian: torch.Tensor) -> torch.Tensor:
     """Mean squared norm of L f for a per-vertex field (N, C): smoothness of a displacement or an
     albedo, zero for constant fields."""
-    lf = apply_sparse(laplacian, field)
+    lf = spmm(laplacian, field)
     return (lf * lf).sum(-1).mean()
 
 
@@ -239,11 +276,12 @@ def render_shaded(ctx: "RenderContext", scene: Scene, albedo: torch.Tensor, sh: 
     (13 views x 320x256 is ~1M pixels against ~100k vertices), and on meshes subdivided to about a
     pixel per triangle the result is the per-pixel one. ``raster`` = (rast, pos) of a previous
     call with the same geometry skips the rasterization (albedo/lighting-only optimisation)."""
-    from renderer.shading import sh_shading, vertex_normals
+    from renderer.shading import _LAMBERT, sh_basis, sh_shading, vertex_normals
 
     n = vertex_normals(scene.verts, scene.tri)
-    if sh.ndim == 3:
-        shading = sh_shading(n.unsqueeze(0).expand(sh.shape[0], -1, -1), sh)  # (V,N,3)
+    if sh.ndim == 3:  # the basis once per vertex, then one (N,9) @ (9,3) product per view
+        basis = sh_basis(n) * n.new_tensor(_LAMBERT)
+        shading = torch.matmul(basis.unsqueeze(0), sh.to(basis))  # (V,N,3)
     else:
         shading = sh_shading(n, sh).unsqueeze(0)
     color = albedo.unsqueeze(0) * shading

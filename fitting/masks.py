@@ -4,7 +4,11 @@ Real masks are not silhouettes of the hand model: they run up the forearm for a 
 (the model ends at the wrist), some are broken (small fragments) and some miss a hand or fingers.
 Fitting against them as they are pulls the hand up the arm and into the fragments. So, per view:
 
-- *Forearm*: each hand gets a proxy forearm, a flared tube extruded from the model's own wrist
+- *Forearm* (``forearm = connected``, the default): the parts of the mask outside the rendered
+  hands that touch a projected wrist ring and reach beyond a few pixels from the hands are the
+  arm, ignored with a dilated band. Found in the data, so a bent wrist (the forearm need not
+  continue the model's wrist) and masks without arms (synthetic hands) are both right.
+- *Forearm* (``forearm = proxy``): each hand gets a proxy forearm, a flared tube extruded from the model's own wrist
   boundary loop away from the hand, rendered in one scene with both hands. Mask pixels where a
   proxy is the visible surface (dilated by a few pixels, never over a visible hand) are ignored.
   A proxy rather than an image half-plane at the projected wrist: it is right under
@@ -53,6 +57,9 @@ class MaskConf:
     forearm_scale_end: float = 1.6
     # Dilation of the ignored forearm region, pixels of the original image size.
     forearm_dilate_px: float = 12.0
+    # How the forearm is found: connected (the mask's parts outside the hands that touch a wrist),
+    # proxy (mask pixels under the proxy tube) or both.
+    forearm: str = "connected"
     # A view is dropped when its IoU is below bad_view_ratio x the median IoU or below bad_view_min_iou.
     bad_view_ratio: float = 0.6
     bad_view_min_iou: float = 0.3
@@ -79,6 +86,8 @@ class MaskConf:
         for key in out.__dataclass_fields__:
             if key in section:
                 setattr(out, key, type(getattr(out, key))(section[key]))
+        if out.forearm not in ("connected", "proxy", "both"):
+            raise ValueError(f"masks.forearm must be connected, proxy or both, got {out.forearm!r}")
         return out
 
 
@@ -220,6 +229,7 @@ class MaskBuilder:
         self.has_mask = torch.tensor([m is not None for m in masks], dtype=torch.float32, device=self.device)
         self.target = pad_stack([None if m is None else m.astype(np.float32) for m in masks], self.hw, device=self.device)
         self.loops: dict[int, np.ndarray] = {}
+        self._rings: list[torch.Tensor] = []  # wrist rings (L,3) of the hands last rendered
         # per-view principal-point corrections (V,2), pixels at the loaded size; None = none
         self.offsets: torch.Tensor | None = None
 
@@ -234,6 +244,7 @@ class MaskBuilder:
         for v, f in hands:
             verts.append(v.detach())
             faces.append(f)
+        self._rings = []
         for v, f in hands:
             key = int(f.shape[0])
             if key not in self.loops:  # a closed mesh (no wrist) gets no forearm
@@ -242,6 +253,9 @@ class MaskBuilder:
                 except ValueError:
                     self.loops[key] = np.zeros(0, np.int64)
             if len(self.loops[key]) < 3:
+                continue
+            self._rings.append(v.detach()[torch.as_tensor(self.loops[key], device=v.device)])
+            if self.cfg.forearm == "connected":
                 continue
             pv, pf = forearm_proxy(v, self.loops[key], self.cfg)
             verts.append(pv)
@@ -263,9 +277,69 @@ class MaskBuilder:
         """Mask pixels where a proxy forearm is visible (dilated), minus pixels where a hand is.
         Only mask pixels: a background pixel beside the arm is background, and a hand bulging
         into it must still pay."""
-        proxy = ids >= M
         hand = (ids >= 0) & (ids < M)
-        return _dilate(proxy, self._px(self.cfg.forearm_dilate_px)) & ~hand & (self.target > 0.5)
+        out = torch.zeros_like(hand)
+        if self.cfg.forearm in ("proxy", "both"):
+            out |= _dilate(ids >= M, self._px(self.cfg.forearm_dilate_px)) & ~hand & (self.target > 0.5)
+        if self.cfg.forearm in ("connected", "both"):
+            out |= self._connected_forearm(hand)
+        return out
+
+    @torch.no_grad()
+    def _connected_forearm(self, hand: torch.Tensor) -> torch.Tensor:
+        """Mask pixels of the arm, found in the data: mask pixels outside the rendered hands whose
+        nearest hand pixel lies at a wrist (within ``reach`` of a projected wrist ring), in
+        connected parts that reach ``reach`` away from the hands, grown over the mask pixels
+        connected to them that are clear of the hands (the rest of the arm); dilated by
+        ``forearm_dilate_px``, never over a hand. ``reach`` is a quarter of the hand's size in the
+        view (at least the dilation): an arm runs far from the hand, a part of the hand the
+        render misses (a finger, the thumb's base) does not. So a bent wrist (the forearm need
+        not continue the model's wrist) and a mask without arms (a synthetic hand) are both right."""
+        from scipy.ndimage import distance_transform_edt, label
+
+        from fitting.geometry import projection_matrices
+        from fitting.losses import offset_projections
+
+        out = torch.zeros_like(hand)
+        rings = getattr(self, "_rings", [])
+        if not rings:
+            return out
+        r = max(self._px(self.cfg.forearm_dilate_px), 1)
+        P = torch.as_tensor(projection_matrices(self.cameras), dtype=torch.float64)
+        P = offset_projections(P, None if self.offsets is None else self.offsets.detach().cpu().double())
+        X = torch.cat([torch.cat([g.cpu().double(), torch.ones(len(g), 1, dtype=torch.float64)], 1) for g in rings])
+        uvw = torch.einsum("vij,nj->vni", P, X).numpy()
+        uv = uvw[..., :2] / np.maximum(uvw[..., 2:3], 1e-9)
+        H, W = self.hw
+        hand_np = hand.cpu().numpy()
+        cand_all = ((self.target > 0.5) & ~hand).cpu().numpy()
+        for i in range(hand_np.shape[0]):
+            cand, hv = cand_all[i], hand_np[i]
+            if not cand.any() or not hv.any():
+                continue
+            reach = max(r, int(round(0.25 * np.sqrt(hv.sum() / len(rings)))))
+            px = np.floor(uv[i][uvw[i, :, 2] > 0]).astype(int)
+            ok = (px[:, 0] >= 0) & (px[:, 0] < W) & (px[:, 1] >= 0) & (px[:, 1] < H)
+            if not ok.any():
+                continue
+            seed = np.zeros((H, W), bool)
+            seed[px[ok, 1], px[ok, 0]] = True
+            seed = distance_transform_edt(~seed) <= reach
+            dist, (iy, ix) = distance_transform_edt(~hv, return_indices=True)
+            at_wrist = cand & seed[iy, ix]
+            lab, n = label(at_wrist, structure=np.ones((3, 3), bool))
+            if n == 0:
+                continue
+            keep = np.unique(lab[at_wrist & (dist >= reach)])
+            keep = keep[keep > 0]
+            if not len(keep):
+                continue
+            arm = np.isin(lab, keep)
+            # the rest of the arm: mask pixels clear of the hands connected to it
+            lab2, _ = label(arm | (cand & (dist > r)), structure=np.ones((3, 3), bool))
+            grown = np.unique(lab2[arm])
+            out[i] = torch.from_numpy(np.isin(lab2, grown[grown > 0])).to(out.device)
+        return _dilate(out, r) & ~hand & (self.target > 0.5)
 
     @torch.no_grad()
     def build(self, hands: Sequence[tuple[torch.Tensor, torch.Tensor]], hand_names: Sequence[str],
