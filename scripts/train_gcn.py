@@ -40,7 +40,7 @@ from fitting import metrics as M  # noqa: E402
 from networks.gcn import HandMeshGCN  # noqa: E402
 from networks.lifter import KeypointLifter, LifterConfig  # noqa: E402
 from networks.hierarchy import MeshHierarchy  # noqa: E402
-from networks.predictor import BRANCHES, WEIGHTS_FILE, WEIGHTS_FORMAT, build_network, hierarchy_digest  # noqa: E402
+from networks.predictor import BRANCHES, WEIGHTS_FILE, WEIGHTS_FORMAT, build_network, hierarchy_digest, storage_state  # noqa: E402
 from networks.synthetic_pairs import Pair, PairSampler  # noqa: E402
 
 CONFIGS = {
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             blob = old
     for b, r in results.items():
         blob["configs"][b] = r["config"]
-        blob["state"][b] = r["state"]
+        blob["state"][b] = storage_state(r["state"])
         blob["meta"][b] = {"command": command, "config": json.dumps(cfg), "minutes": round(r["minutes"], 1), "validation": json.dumps(r["validation"])}
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(blob, out)
@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def merge_weights(paths: list[Path], out: Path) -> int:
-    """One weights file from branch files trained separately (later files win per branch)."""
+    """One weights file from branch files trained separately (later files win per branch), its
+    tensors in the storage precision (``--merge W --out W`` converts a float32 file in place)."""
     blob: dict = {"format": WEIGHTS_FORMAT, "hierarchy": None, "configs": {}, "state": {}, "meta": {}}
     for p in paths:
         b = torch.load(p, map_location="cpu", weights_only=True)
@@ -204,7 +205,7 @@ def merge_weights(paths: list[Path], out: Path) -> int:
         blob["hierarchy"] = b["hierarchy"]
         for branch in b["state"]:
             blob["configs"][branch] = b["configs"][branch]
-            blob["state"][branch] = b["state"][branch]
+            blob["state"][branch] = storage_state(b["state"][branch])
             meta = b.get("meta", {})
             blob["meta"][branch] = meta.get(branch, meta)  # files from single-branch runs keep a flat record
     out.parent.mkdir(parents=True, exist_ok=True)
