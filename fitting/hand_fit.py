@@ -32,6 +32,9 @@ from handmodel.prior import PosePrior, shape_prior
 
 PALM_JOINTS = (0, 1, 5, 9, 13, 17)  # wrist, thumb CMC, index/middle/ring/pinky MCP
 PARAM_NAMES = ("betas", "hand_pose", "global_orient", "transl")
+OPTIMIZERS = ("adam", "newton")
+NEWTON_TRIES = 8  # damping increases (x10 each) tried before a Newton step is given up
+NEWTON_RTOL = 1e-6  # a Newton step gaining less than this fraction of the loss ends the phase (float32 loss)
 
 
 @dataclass
@@ -40,7 +43,7 @@ class HandFitConf:
 
     iterations_global: int = 40
     iterations_full: int = 150
-    lr_global: float = 0.02
+    lr_global: float = 0.02  # Adam's (Newton sizes its own steps)
     lr_full: float = 0.01
     keypoint_sigma: float = 0.005  # metres: robust scale of the 3D keypoint term
     reprojection_sigma: float = 3.0  # pixels of the original image: robust scale of the 2D term
@@ -50,11 +53,13 @@ class HandFitConf:
     betas_lr_scale: float = 10.0  # Adam steps of betas (units of their std) relative to the rotations'
     joint_weights: list[float] = field(default_factory=lambda: [1.0] * 21)  # per joint of the data terms
     ik_init: bool = True  # finger rotations from the 3D keypoints before optimising
+    optimizer: str = "adam"  # of both phases from the mean hand: adam | newton
     # Schedule when an initializer (the GCN ``init`` stage) left parameters: a close start needs no
-    # global phase and smaller first Adam steps, which would otherwise undo it.
+    # global phase, and Newton steps converge from it in a few iterations.
     warm_iterations_global: int = 0
-    warm_iterations_full: int = 75
-    warm_lr_full: float = 0.005
+    warm_iterations_full: int = 10  # Newton steps stop early once converged
+    warm_lr_full: float = 0.005  # used by warm_optimizer = adam
+    warm_optimizer: str = "newton"
     weights: dict[str, float] = field(
         default_factory=lambda: {"keypoints3d": 1.0, "reprojection": 1.0, "pose_prior": 0.002, "shape_prior": 0.001}
     )
@@ -79,6 +84,10 @@ class HandFitConf:
                 if len(jw) != 21 or min(jw) < 0:
                     raise ValueError(f"hand_fit.joint_weights must be 21 non-negative numbers, got {jw}")
                 out.joint_weights = jw
+            elif key in ("optimizer", "warm_optimizer"):
+                if str(section[key]) not in OPTIMIZERS:
+                    raise ValueError(f"hand_fit.{key} must be one of {OPTIMIZERS}, got {section[key]!r}")
+                setattr(out, key, str(section[key]))
             else:
                 setattr(out, key, type(getattr(out, key))(section[key]))
         return out
@@ -107,6 +116,7 @@ class FitContext:
     targets: dict[str, SideTargets]
     joint_mask: torch.Tensor
     prior: dict[str, PosePrior]  # per side
+    evaluations: int = 0  # forward passes of the loss so far (Adam: one per iteration; Newton: more)
 
 
 LossTerm = Callable[[FitContext, dict[str, HandParams], dict[str, Any]], torch.Tensor]
@@ -204,9 +214,9 @@ def run(scan: Scan, state: State, conf: Mapping[str, Any] | None) -> State:
 
     warm = bool(sides) and all(s in state.params for s in sides)
     params = {s: initial_params(models[s], state, s, targets[s], device, cfg.ik_init, prior[s]) for s in sides}
-    it_global, it_full, lr_full = (
-        (cfg.warm_iterations_global, cfg.warm_iterations_full, cfg.warm_lr_full) if warm
-        else (cfg.iterations_global, cfg.iterations_full, cfg.lr_full)
+    it_global, it_full, lr_full, optimizer = (
+        (cfg.warm_iterations_global, cfg.warm_iterations_full, cfg.warm_lr_full, cfg.warm_optimizer) if warm
+        else (cfg.iterations_global, cfg.iterations_full, cfg.lr_full, cfg.optimizer)
     )
     losses: dict[str, float] = {}
     if sides:
@@ -214,13 +224,16 @@ def run(scan: Scan, state: State, conf: Mapping[str, Any] | None) -> State:
         palm[list(PALM_JOINTS)] = 1.0
         ctx.joint_mask = palm * joint_w
         _optimise(ctx, models, params, ("global_orient", "transl"), it_global, cfg.lr_global,
-                  {k: w for k, w in cfg.weights.items() if k in ("keypoints3d", "reprojection")}, "hand_fit global")
+                  {k: w for k, w in cfg.weights.items() if k in ("keypoints3d", "reprojection")}, "hand_fit global",
+                  optimizer)
         ctx.joint_mask = joint_w
         losses = _optimise(ctx, models, params, PARAM_NAMES, it_full, lr_full, cfg.weights,
-                           "hand_fit full")
+                           "hand_fit full", optimizer)
     for s in sides:
         state.params[s] = params[s].detach().to("cpu")
     state.metrics["hand_fit"] = _metrics(scan, state, models, params, targets, scale, losses, skipped)
+    state.metrics["hand_fit"].update(start="initializer" if warm else "mean_hand", optimizer=optimizer,
+                                     evaluations=ctx.evaluations)
     return state
 
 
@@ -233,47 +246,127 @@ def _optimise(
     lr: float,
     weights: Mapping[str, float],
     desc: str,
+    optimizer: str = "adam",
 ) -> dict[str, float]:
-    """Adam on the weighted terms over the named parameters of every side, ``iterations`` steps
-    with the step size decaying from ``lr`` to ``lr``/10. Returns the last value of each term."""
+    """Minimise the weighted terms over the named parameters of every side, ``iterations`` steps
+    of ``optimizer``; returns the last value of each term (see :func:`_adam`, :func:`_newton`)."""
     if iterations <= 0:
         return {}
-    groups = []
-    for p in params.values():
-        for n in PARAM_NAMES:
-            t = getattr(p, n)
-            t.requires_grad_(n in names)
-            if n in names:
-                scale = {"transl": ctx.cfg.transl_lr_scale, "betas": ctx.cfg.betas_lr_scale}.get(n, 1.0)
-                groups.append({"params": [t], "lr": lr * scale})
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"hand_fit optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    scales = {"transl": ctx.cfg.transl_lr_scale, "betas": ctx.cfg.betas_lr_scale}
+    # (side, name, step scale, optimised copy); a step scale of 0 freezes the parameter
+    leaves = [
+        (side, n, scales.get(n, 1.0), getattr(p, n).detach().clone().requires_grad_(True))
+        for side, p in params.items() for n in PARAM_NAMES if n in names and scales.get(n, 1.0) != 0.0
+    ]
     active = {k: w for k, w in weights.items() if w > 0}
-    terms: dict[str, torch.Tensor] = {}
     bar = progress(range(iterations), desc)
-    steps = iter(bar)
 
-    def closure() -> torch.Tensor:
-        nonlocal terms
-        opt.zero_grad(set_to_none=True)
-        out = {s: models[s].forward(p.betas, p.hand_pose, p.global_orient, p.transl) for s, p in params.items()}
-        terms = {k: TERMS[k](ctx, params, out) for k in active}
-        loss = sum(active[k] * v for k, v in terms.items())
-        loss.backward()
-        next(steps, None)
-        bar.losses(total=loss.detach(), **{k: v.detach() for k, v in terms.items()})
-        return loss
+    def loss_of(values: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cur = {side: HandParams(p.betas, p.hand_pose, p.global_orient, p.transl) for side, p in params.items()}
+        for (side, n, _, _), v in zip(leaves, values):
+            setattr(cur[side], n, v)
+        out = {s: models[s].forward(p.betas, p.hand_pose, p.global_orient, p.transl) for s, p in cur.items()}
+        terms = {k: TERMS[k](ctx, cur, out) for k in active}
+        ctx.evaluations += 1
+        return sum(active[k] * v for k, v in terms.items()), terms
 
-    opt = torch.optim.Adam(groups, lr=lr)
-    # decay to lr/10: large steps to get there, small ones to settle
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.1 ** (1.0 / iterations))
-    for _ in range(iterations):
-        opt.step(closure)
-        sched.step()
-    for _ in steps:  # let the bar close
-        pass
-    for p in params.values():
-        for n in PARAM_NAMES:
-            getattr(p, n).requires_grad_(False)
+    run_fn = _newton if optimizer == "newton" else _adam
+    terms = run_fn(loss_of, leaves, iterations, lr, bar)
+    for side, n, _, t in leaves:
+        setattr(params[side], n, t.detach().clone())
     return {k: float(v.detach()) for k, v in terms.items()}
+
+
+LossFn = Callable[[list[torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def _adam(loss_of: LossFn, leaves: list, iterations: int, lr: float, bar: Any) -> dict[str, torch.Tensor]:
+    """Adam, the step size decaying from ``lr`` to ``lr``/10 (large steps to get there, small ones
+    to settle), transl and betas steps scaled by ``transl_lr_scale`` / ``betas_lr_scale``. Robust
+    from a far start: every step is about ``lr`` whatever the gradient."""
+    tensors = [t for *_, t in leaves]
+    opt = torch.optim.Adam([{"params": [t], "lr": lr * s} for *_, s, t in leaves], lr=lr)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.1 ** (1.0 / iterations))
+    terms: dict[str, torch.Tensor] = {}
+    for _ in bar:
+        opt.zero_grad(set_to_none=True)
+        loss, terms = loss_of(tensors)
+        loss.backward()
+        bar.losses(total=loss.detach(), **{k: v.detach() for k, v in terms.items()})
+        opt.step()
+        sched.step()
+    return terms
+
+
+def _newton(loss_of: LossFn, leaves: list, iterations: int, lr: float, bar: Any) -> dict[str, torch.Tensor]:
+    """Damped Newton on the exact Hessian (:func:`_hessian`, recomputed every step: the squared
+    hinges of the pose prior and the robust kernels change curvature quickly, and quasi-Newton
+    updates of it were measured to stall). Each step is Levenberg-Marquardt,
+    ``(H + lambda diag|H|) d = -g``, solved by eigen-decomposition in coordinates scaled by the
+    diagonal (the step does not depend on the units: metres, radians, shape std); where that
+    matrix is not positive definite (far from a minimum), ``|eigenvalues| + lambda`` instead. A
+    step that lowers the loss is taken and lambda shrinks, otherwise lambda grows and the step is
+    solved again (one forward each). Stops early once a step gains less than ``NEWTON_RTOL`` of
+    the loss. Near the answer the loss is nearly quadratic, so from a close start (the GCN's) a
+    few steps reach the minimum where Adam's fixed-size steps first move away from it, then
+    creep. ``lr`` is unused."""
+    tensors = [t for *_, t in leaves]
+    shapes = [t.shape for t in tensors]
+    sizes = [t.numel() for t in tensors]
+    x = torch.cat([t.detach().reshape(-1) for t in tensors])
+    owner = [side for (side, *_), k in zip(leaves, sizes) for _ in range(k)]
+    blocks = [torch.tensor([i for i, o in enumerate(owner) if o == side]) for side in dict.fromkeys(owner)]
+    unorder = torch.argsort(torch.cat(blocks))
+
+    def split(v: torch.Tensor) -> list[torch.Tensor]:
+        return [c.reshape(sh) for c, sh in zip(torch.split(v, sizes), shapes)]
+
+    lam = 1e-3
+    terms: dict[str, torch.Tensor] = {}
+    for _ in bar:
+        g = torch.zeros_like(x, dtype=torch.float64)
+        H = torch.zeros(x.numel(), x.numel(), dtype=torch.float64, device=x.device)
+        for i, idx in enumerate(blocks):  # per side, the others constant: one hand's graph per double backward
+            xs = [x[b].clone().requires_grad_(j == i) for j, b in enumerate(blocks)]
+            loss, terms = loss_of(split(torch.cat(xs)[unorder]))
+            g[idx], H[idx[:, None], idx[None]] = _hessian(loss, xs[i])
+        bar.losses(total=loss.detach(), **{k: v.detach() for k, v in terms.items()})
+        f0 = float(loss.detach())
+        diag = H.diagonal().abs()
+        sc = 1.0 / torch.sqrt(diag + 1e-9 * float(diag.max().clamp(min=1e-30)))
+        w, Q = torch.linalg.eigh(sc[:, None] * H * sc[None])
+        gq = Q.T @ (sc * g)
+        f1 = f0
+        for _ in range(NEWTON_TRIES):
+            # Levenberg-Marquardt on H where H + lambda diag(H) is positive definite; else on |H|
+            curv = w + lam if float(w.min()) + lam > 0 else w.abs() + lam
+            d = (sc * (Q @ (-gq / curv))).to(x.dtype)
+            with torch.no_grad():
+                f1 = float(loss_of(split(x + d))[0])
+            if f1 < f0:
+                x = x + d
+                lam = max(lam / 10.0, 1e-9)
+                break
+            lam *= 10.0
+        if f0 - f1 <= NEWTON_RTOL * abs(f0):  # converged (or no step lowers the loss at any damping)
+            break
+    for t, v in zip(tensors, split(x)):
+        t.data.copy_(v)
+    return terms
+
+
+def _hessian(loss: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient and symmetric Hessian (float64) of ``loss`` with respect to the vector ``x``: double
+    backward, one batched Hessian-vector product per parameter. :func:`_newton` calls it per
+    side, the other side held constant: a block-diagonal Hessian, exact because the terms do not
+    couple the hands (one that did would only lose its cross-side second derivatives, the
+    accepted-step test keeping the fit descending)."""
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    eye = torch.eye(x.numel(), dtype=x.dtype, device=x.device)
+    (rows,) = torch.autograd.grad(g, x, eye, is_grads_batched=True)
+    return g.detach().double(), 0.5 * (rows + rows.T).detach().double()
 
 
 # ---------------------------------------------------------------------------------- initialisation
