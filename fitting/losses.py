@@ -97,6 +97,7 @@ _CSR_CACHE: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] = {}
 def spmm(M: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Sparse (rows, N) matrix @ x (N,) or (N, C), differentiable w.r.t. x; the CSR forms of M
     and M^T are made once per matrix (kept while M lives) and per device/dtype."""
+    import warnings
     import weakref
 
     if x.ndim == 1:
@@ -106,7 +107,9 @@ def spmm(M: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if hit is None or hit[0]() is not M or hit[1].device != x.device or hit[1].dtype != x.dtype:
         Mc = M.to(device=x.device, dtype=x.dtype).coalesce() if M.layout == torch.sparse_coo else \
             M.to(device=x.device, dtype=x.dtype).to_sparse_coo().coalesce()
-        hit = (weakref.ref(M), Mc.to_sparse_csr(), Mc.t().coalesce().to_sparse_csr())
+        with warnings.catch_warnings():  # "CSR support is in beta": the product used here is stable
+            warnings.simplefilter("ignore", UserWarning)
+            hit = (weakref.ref(M), Mc.to_sparse_csr(), Mc.t().coalesce().to_sparse_csr())
         _CSR_CACHE[key] = hit
         for k in [k for k, v in _CSR_CACHE.items() if v[0]() is None]:
             del _CSR_CACHE[k]

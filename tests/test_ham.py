@@ -2,6 +2,7 @@
 the refined-hand files round-trip through trimesh."""
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -267,3 +268,75 @@ def test_without_masks_silhouette_fit_passes_and_ham_uses_the_render_coverage():
     assert all(v["region"] == "render" for v in m["views"].values())
     assert m["psnr_mean"] is not None and m["psnr_mean"] > 22.0
     assert "silhouette" not in m["losses"]["geometry"] and "contour" not in m["losses"]["geometry"]
+
+
+# ------------------------------------------------------------------------- resume and bad input
+def test_crash_in_ham_resumes_from_the_silhouette_fit_checkpoint(ham_run, tmp_path, monkeypatch):
+    """A run that dies inside ham keeps silhouette_fit's checkpoint; the next run recomputes only
+    ham, and a third run resumes both (the refined hands and lighting survive the checkpoint)."""
+    from pathlib import Path
+
+    from fitting import silhouette_fit as SF
+    from fitting.conf import load_conf
+    from fitting.pipeline import run_pipeline
+
+    scan, st, fine, faces, cams = ham_run
+    repo = Path(__file__).resolve().parents[1]
+    tree = load_conf(repo / "conf" / "demo_sfs.conf", [
+        "pipeline.stages=[silhouette_fit, ham]", "log.progress=false", "silhouette_fit.iterations=5",
+        "ham.levels=1", "ham.iterations_appearance=5", "ham.iterations_geometry=5", "ham.iterations_final=2"]).tree
+    calls: list[str] = []
+    real_sf, real_ham = SF.run, HAM.run
+
+    def counted(name, fn):
+        def run(*a, **k):
+            calls.append(name)
+            return fn(*a, **k)
+        return run
+
+    def crash(*a, **k):
+        calls.append("ham")
+        raise RuntimeError("simulated crash inside ham")
+
+    model = handmodel.load("builtin", "right")
+    with torch.no_grad():
+        joints = model.forward(st.params["right"]).joints[0].numpy().astype(np.float64)
+
+    def start() -> State:
+        """What the keypoint stages would leave: parameters and triangulated joints."""
+        s = State()
+        s.params["right"] = copy.deepcopy(st.params["right"])
+        s.keypoints3d["right"] = joints
+        s.keypoints3d_valid["right"] = np.ones(21, bool)
+        return s
+
+    monkeypatch.setattr(SF, "run", counted("silhouette_fit", real_sf))
+    monkeypatch.setattr(HAM, "run", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_pipeline(scan, tree, tmp_path, state=start())
+    assert (tmp_path / "stages" / "00_silhouette_fit.pt").is_file()
+    assert not (tmp_path / "stages" / "01_ham.pt").exists()
+    monkeypatch.setattr(HAM, "run", counted("ham", real_ham))
+    done = run_pipeline(scan, tree, tmp_path, state=start())
+    assert calls == ["silhouette_fit", "ham", "ham"]  # silhouette_fit ran once
+    again = run_pipeline(scan, tree, tmp_path, state=start())
+    assert calls == ["silhouette_fit", "ham", "ham"]  # everything resumed
+    assert torch.equal(again.refined["right"]["vertices"], done.refined["right"]["vertices"])
+    assert torch.equal(again.lighting["sh"], done.lighting["sh"])
+    assert again.metrics["ham"]["holdout"]["views"]["10"]["psnr"] == done.metrics["ham"]["holdout"]["views"]["10"]["psnr"]
+
+
+def test_bad_input_gets_a_clear_error(ham_run):
+    scan, st, fine, faces, cams = ham_run
+    conf = {"device": "cpu", "data": {"scale": 1.0}, "hand_model": {"name": "builtin"}, "log": {"progress": False}}
+    with pytest.raises(ValueError, match="needs fitted hands"):
+        HAM.run(scan, State(), conf)
+    blind = Scan([View(v.name, v.camera, image=None, mask=v.mask) for v in scan.views], sides=("right",))
+    with pytest.raises(ValueError, match="needs photos"):
+        HAM.run(blind, st, conf)
+    with pytest.raises(ValueError, match="connected, proxy or both"):
+        MaskConf.from_conf({"masks": {"forearm": "tube"}})
+    with pytest.raises(ValueError, match="needs fitted hands"):
+        from fitting import silhouette_fit as SF
+
+        SF.run(scan, State(), conf)
