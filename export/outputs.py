@@ -30,6 +30,7 @@ import torch
 
 from export.atomic import write_json
 from export.mesh_io import write_obj, write_ply
+from export.neural import export_neural
 from export.overlay import write_overlays
 from export.params_io import save_hand_params, save_keypoints3d
 from export.report import ReportSection, stage_sections, write_report
@@ -134,7 +135,7 @@ def export_refinement(ctx: ExportContext) -> list[ReportSection]:
 
 
 # Run in order by write_outputs; later stages append theirs.
-EXPORTERS: list[Exporter] = [export_keypoints, export_hands, export_refinement]
+EXPORTERS: list[Exporter] = [export_keypoints, export_hands, export_refinement, export_neural]
 
 
 def write_outputs(

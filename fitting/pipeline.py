@@ -76,6 +76,7 @@ register("hand_fit", "fitting.hand_fit:run", ("data", "hand_model"))
 register("identity", "fitting.identity:run", ("data", "hand_model"))  # a calibrated shape into a single-frame fit
 register("silhouette_fit", "fitting.silhouette_fit:run", ("data", "hand_model", "hand_fit", "masks", "renderer"))
 register("ham", "fitting.ham:run", ("data", "hand_model", "masks", "renderer"))
+register("neural", "fitting.neural:run", ("data", "masks", "renderer", "ham"))  # renderer trained on ham's meshes
 
 
 def stage_specs(names: Iterable[str], registry: Mapping[str, StageSpec] | None = None) -> list[StageSpec]:

@@ -1,13 +1,17 @@
 #!/usr/bin/env python
-"""Render a finished run from any cameras: ``OUT/<view>.png`` (shaded, on black) and
+"""Render a finished run from any cameras: ``OUT/<view>.png`` (neural or shaded, on black) and
 ``OUT/<view>_mask.png`` (0/255 coverage) for every camera of an FMHR ``param.npz``.
 
     .venv/bin/python scripts/render_views.py --run runs/demo_sfs/1 \\
-        --cameras ../shared/data/fmhr_demo/1/camera/param.npz --out renders [--size 1280x1024] [--scale 0.25]
+        --cameras ../shared/data/fmhr_demo/1/camera/param.npz --out renders [--size 1280x1024] [--scale 0.25] \\
+        [--renderer neural|shaded]
 
-- The run's refined hands and lighting come from ``<run>/refined.npz`` (written by the ham
-  stage's exporter). A view the run fitted is shaded with its own SH; any other view (a held-out
-  camera) with the mean SH of the fitted views.
+- ``--renderer shaded``: the run's refined hands and lighting come from ``<run>/refined.npz``
+  (written by the ham stage's exporter). A view the run fitted is shaded with its own SH; any
+  other view (a held-out camera) with the mean SH of the fitted views.
+- ``--renderer neural``: the neural stage's renderer from ``<run>/neural.pt`` (its meshes, the
+  mean SH, learned features and network; every camera is rendered the same way). The default is
+  the best the run has: neural when ``neural.pt`` exists, else shaded.
 - A camera's image size is its ``size_i`` in the file, else ``--size WxH`` (the size its K refers
   to); ``--scale`` renders at a fraction of it (K scaled with it).
 - Per-view principal-point corrections that the run estimated (``silhouette_fit`` in
@@ -52,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--scale", type=float, default=1.0, help="render at this fraction of each camera's size")
     ap.add_argument("--views", nargs="*", default=None, help="only these view ids (default: all in the file)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (nvdiffrast when available)")
+    ap.add_argument("--renderer", choices=("neural", "shaded"), default=None,
+                    help="neural (neural.pt) or shaded (refined.npz); default: neural when the run has it")
     return ap.parse_args(argv)
 
 
@@ -100,10 +106,34 @@ def render_run(run: Path, cameras: dict[str, Camera], device: str = "cpu",
     return out
 
 
+def render_run_neural(run: Path, cameras: dict[str, Camera], device: str = "cpu",
+                      offsets_px: dict[str, tuple[float, float]] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """As ``render_run`` with the neural stage's renderer (``<run>/neural.pt``)."""
+    from export.neural import load_neural
+    from fitting.neural import load_record, render_neural
+    from renderer import make_context
+
+    ctx = make_context("auto", device)
+    net, verts, faces, albedo, sh = load_record(load_neural(run / "neural.pt"), ctx.device)
+    offsets_px = offsets_px or {}
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    groups: dict[tuple[int, int], list[str]] = {}
+    for name, cam in cameras.items():
+        groups.setdefault((cam.height, cam.width), []).append(name)
+    for hw, group in groups.items():
+        off = torch.tensor([list(offsets_px.get(n, (0.0, 0.0))) for n in group], dtype=torch.float32, device=ctx.device)
+        img, cov = render_neural(net, ctx, verts, faces, albedo, sh, [cameras[n] for n in group], hw, off)
+        for i, n in enumerate(group):
+            out[n] = (img[i], cov[i])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not (args.run / "refined.npz").is_file():
-        print(f"error: {args.run / 'refined.npz'} not found; run fit.py with a conf that includes the ham stage",
+    renderer = args.renderer or ("neural" if (args.run / "neural.pt").is_file() else "shaded")
+    needed = {"neural": ("neural.pt", "neural"), "shaded": ("refined.npz", "ham")}[renderer]
+    if not (args.run / needed[0]).is_file():
+        print(f"error: {args.run / needed[0]} not found; run fit.py with a conf that includes the {needed[1]} stage",
               file=sys.stderr)
         return 2
     if not args.scale > 0:
@@ -125,12 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     offsets = {n: (o[0] * args.scale, o[1] * args.scale) for n, o in run_offsets(args.run).items() if n in cams}
     if args.scale != 1.0:
         cams = {n: c.scaled(args.scale) for n, c in cams.items()}
-    renders = render_run(args.run, cams, args.device, offsets)
+    renders = (render_run_neural if renderer == "neural" else render_run)(args.run, cams, args.device, offsets)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, (img, cov) in renders.items():
         write_image(args.out / f"{name}.png", img)
         write_image(args.out / f"{name}_mask.png", np.where(cov > 0.5, 255, 0).astype(np.uint8))
-    print(f"rendered {len(renders)} views into {args.out}")
+    print(f"rendered {len(renders)} views ({renderer}) into {args.out}")
     return 0
 
 

@@ -112,3 +112,47 @@ def test_size_flag_scale_and_errors(run_dir, tmp_path):
     assert silhouette_iou(mask, cov[0] > 0.5) > 0.97
     assert mod.main(["--run", str(tmp_path), "--cameras", str(root / "param.npz"), "--out", str(out)]) == 2
     assert mod.main(["--run", str(root), "--cameras", str(root / "param.npz"), "--out", str(out), "--views", "9"]) == 2
+
+
+def test_neural_renderer_is_the_default_when_the_run_has_one(run_dir, tmp_path):
+    """With ``neural.pt`` in the run, the default renders through the neural renderer (here one
+    whose correction brightens every pixel by a known amount); ``--renderer shaded`` still gives
+    the HAM shading; asking for neural on a run without it is an error."""
+    import shutil
+
+    from export.neural import save_neural
+    from networks.neural_renderer import NeuralRenderer, NeuralRendererSpec
+
+    root, (verts, faces), cams = run_dir
+    run = tmp_path / "run"
+    shutil.copytree(root, run)
+    net = NeuralRenderer(len(verts), NeuralRendererSpec())
+    with torch.no_grad():
+        net.head.out.bias.fill_(0.1)  # + 0.1 linear on every covered pixel
+    sh = torch.zeros(9, 3)
+    sh[0] = 2.0 * np.sqrt(np.pi) / 2
+    save_neural(run / "neural.pt", {"renderer": net.to_record(), "sides": ["right"], "vertices": {"right": verts},
+                                    "faces": {"right": faces}, "albedo": {"right": torch.full_like(verts, 0.6)},
+                                    "sh": sh, "views": ["00", "01"]})
+    mod = _script()
+    outs = {}
+    for name, extra in (("default", []), ("shaded", ["--renderer", "shaded"])):
+        outs[name] = tmp_path / name
+        assert mod.main(["--run", str(run), "--cameras", str(root / "param.npz"), "--out", str(outs[name]),
+                         "--views", "5"] + extra) == 0
+    masks = {k: np.asarray(Image.open(p / "05_mask.png")) > 127 for k, p in outs.items()}
+    assert silhouette_iou(masks["default"], masks["shaded"]) > 0.99
+    inner = masks["default"] & masks["shaded"]
+    inner[1:-1, 1:-1] &= inner[:-2, 1:-1] & inner[2:, 1:-1] & inner[1:-1, :-2] & inner[1:-1, 2:]
+    img = {k: np.asarray(Image.open(p / "05.png"), np.float64)[inner] / 255.0 for k, p in outs.items()}
+    # the neural image is albedo 0.6 x the (constant) irradiance of its SH + 0.1 everywhere, in sRGB
+    from renderer.shading import sh_shading
+
+    lin = 0.6 * float(sh_shading(torch.tensor([[0.0, 0.0, 1.0]]), sh)[0, 0]) + 0.1
+    expect = 1.055 * lin ** (1 / 2.4) - 0.055
+    assert abs(img["default"].mean() - expect) < 0.01 and img["default"].std() < 0.01
+    assert abs(img["shaded"].mean() - img["default"].mean()) > 0.05
+    plain = tmp_path / "plain"
+    shutil.copytree(root, plain)
+    assert mod.main(["--run", str(plain), "--cameras", str(root / "param.npz"), "--out", str(tmp_path / "x"),
+                     "--renderer", "neural"]) == 2

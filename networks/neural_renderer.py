@@ -1,0 +1,215 @@
+"""Neural renderer of the ``neural`` stage: learned per-vertex features plus real per-pixel
+quantities -> colour. Modules only; the optimisation lives in ``fitting/neural.py``.
+
+What a pixel sees (``PixelInputs``, all interpolated from the mesh at the pixel's surface point):
+the learned vertex features, the HAM albedo (linear), the Lambertian colour of that albedo under
+the scene's SH lighting (linear), the unit camera-space normal and the unit world-space view
+direction (camera centre -> surface point), and sin/cos positional encodings of the normal and
+the view direction. No noise channels: every input is a quantity of the scene, so a novel camera
+gets meaningful inputs.
+
+Why a residual on the Lambertian colour: the renderer outputs ``max(lambertian + head(x), 0)``
+(linear RGB) with the head's last layer zero-initialised, so an untrained renderer is exactly the
+HAM shading and training only has to learn what the SH-Lambertian model misses (albedo detail the
+smoothness prior removed, shading and lighting errors, view-dependent effects). It converges in
+hundreds of steps on a CPU, and a held-out view starts from the physically based image rather
+than from an arbitrary network output.
+
+Two heads (``NeuralRendererSpec.kind``):
+- ``mlp``: per pixel, inputs (..., C_in) of any leading shape (the stage passes only the covered
+  pixels);
+- ``unet``: a small UNet over the feature image (B, H, W, C_in) with H and W multiples of
+  2**depth (the stage crops each view around the hands), so neighbouring pixels inform each other.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KINDS = ("mlp", "unet")
+
+
+@dataclass
+class NeuralRendererSpec:
+    """Architecture of a renderer (the ``neural`` conf keys of the same names)."""
+
+    kind: str = "mlp"  # mlp | unet
+    feature_dim: int = 8  # learned channels per vertex
+    hidden: int = 64  # mlp: hidden width
+    layers: int = 3  # mlp: hidden layers
+    pe_frequencies: int = 4  # sin/cos octaves of the normal and view-direction encodings
+    unet_channels: int = 16  # unet: channels of the first level (doubled per level)
+    unet_depth: int = 2  # unet: down-sampling levels
+
+    def validate(self) -> "NeuralRendererSpec":
+        if self.kind not in KINDS:
+            raise ValueError(f"neural.renderer must be one of {list(KINDS)}, got {self.kind!r}")
+        for name in ("feature_dim", "hidden", "layers", "unet_channels", "unet_depth"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"neural.{name} must be >= 1, got {getattr(self, name)}")
+        if int(self.pe_frequencies) < 0:
+            raise ValueError(f"neural.pe_frequencies must be >= 0, got {self.pe_frequencies}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> "NeuralRendererSpec":
+        known = {f.name: f.type for f in fields(NeuralRendererSpec)}
+        out = NeuralRendererSpec()
+        for k, v in d.items():
+            if k not in known:
+                raise KeyError(f"neural renderer spec: unknown key {k!r}; known {sorted(known)}")
+            setattr(out, k, type(getattr(out, k))(v))
+        return out.validate()
+
+    @property
+    def input_channels(self) -> int:
+        # features, albedo, lambertian, normal, view direction, their encodings
+        return self.feature_dim + 3 + 3 + 3 + 3 + 2 * 3 * 2 * self.pe_frequencies
+
+    @property
+    def multiple(self) -> int:
+        """Image sizes the head accepts are multiples of this (1 for the mlp)."""
+        return 2 ** self.unet_depth if self.kind == "unet" else 1
+
+
+@dataclass
+class PixelInputs:
+    """Per-pixel inputs, each (..., k): features (C), albedo (3, linear), lambertian (3, linear
+    colour under the SH light), normal (3, unit, camera frame), view_dir (3, unit, world frame)."""
+
+    features: torch.Tensor
+    albedo: torch.Tensor
+    lambertian: torch.Tensor
+    normal: torch.Tensor
+    view_dir: torch.Tensor
+
+
+def positional_encoding(x: torch.Tensor, frequencies: int) -> torch.Tensor:
+    """[sin(2^k pi x), cos(2^k pi x)] for k < frequencies, over the last dimension (NeRF's)."""
+    if frequencies <= 0:
+        return x[..., :0]
+    scales = (2.0 ** torch.arange(frequencies, device=x.device, dtype=x.dtype)) * math.pi
+    xs = (x[..., None, :] * scales[:, None]).flatten(-2)
+    return torch.cat([torch.sin(xs), torch.cos(xs)], -1)
+
+
+class PixelMLP(nn.Module):
+    """Per-pixel MLP (..., C_in) -> (..., 3); last layer zero-initialised (see module doc)."""
+
+    def __init__(self, in_channels: int, hidden: int, layers: int) -> None:
+        super().__init__()
+        mods: list[nn.Module] = []
+        c = in_channels
+        for _ in range(layers):
+            mods += [nn.Linear(c, hidden), nn.ReLU(inplace=True)]
+            c = hidden
+        self.body = nn.Sequential(*mods)
+        self.out = nn.Linear(c, 3)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(x))
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True),
+                         nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU(inplace=True))
+
+
+class FeatureUNet(nn.Module):
+    """Small UNet (B, C_in, H, W) -> (B, 3, H, W): ``depth`` levels of average-pool down-sampling,
+    nearest up-sampling with skip connections; 1x1 output convolution zero-initialised."""
+
+    def __init__(self, in_channels: int, channels: int, depth: int) -> None:
+        super().__init__()
+        self.inp = nn.Conv2d(in_channels, channels, 1)  # per-pixel mixing first: cheap and full-resolution
+        self.down = nn.ModuleList()
+        c = channels
+        widths = [c]
+        for _ in range(depth):
+            self.down.append(_block(c, 2 * c))
+            c *= 2
+            widths.append(c)
+        self.up = nn.ModuleList()
+        for d in range(depth):
+            skip = widths[depth - 1 - d]
+            self.up.append(_block(c + skip, skip))
+            c = skip
+        self.out = nn.Conv2d(c, 3, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        self.depth = depth
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.inp(x))
+        skips = [h]
+        for blk in self.down:
+            h = blk(F.avg_pool2d(h, 2))
+            skips.append(h)
+        for d, blk in enumerate(self.up):
+            skip = skips[self.depth - 1 - d]
+            h = blk(torch.cat([F.interpolate(h, size=skip.shape[-2:], mode="nearest"), skip], 1))
+        return self.out(h)
+
+
+class NeuralRenderer(nn.Module):
+    """Learned vertex features (``num_vertices`` x ``feature_dim``, the merged scene of the
+    stage's hands, zero at the start) and the head. ``forward(PixelInputs)`` -> linear RGB."""
+
+    def __init__(self, num_vertices: int, spec: NeuralRendererSpec) -> None:
+        super().__init__()
+        self.spec = spec.validate()
+        self.features = nn.Parameter(torch.zeros(int(num_vertices), spec.feature_dim))
+        if spec.kind == "mlp":
+            self.head: nn.Module = PixelMLP(spec.input_channels, spec.hidden, spec.layers)
+        else:
+            self.head = FeatureUNet(spec.input_channels, spec.unet_channels, spec.unet_depth)
+
+    @property
+    def num_vertices(self) -> int:
+        return int(self.features.shape[0])
+
+    def encode(self, x: PixelInputs) -> torch.Tensor:
+        """The head's input (..., C_in)."""
+        f = self.spec.pe_frequencies
+        return torch.cat([x.features, x.albedo, x.lambertian, x.normal, x.view_dir,
+                          positional_encoding(x.normal, f), positional_encoding(x.view_dir, f)], -1)
+
+    def forward(self, x: PixelInputs) -> torch.Tensor:
+        """Linear RGB (..., 3): the Lambertian colour plus the head's correction, >= 0. For the
+        unet the inputs are images (B, H, W, k)."""
+        enc = self.encode(x)
+        if self.spec.kind == "unet":
+            if enc.ndim != 4 or enc.shape[1] % self.spec.multiple or enc.shape[2] % self.spec.multiple:
+                raise ValueError(f"the unet renderer takes (B,H,W,C) images with H, W multiples of "
+                                 f"{self.spec.multiple}; got {tuple(enc.shape)}")
+            delta = self.head(enc.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        else:
+            delta = self.head(enc)
+        return (x.lambertian + delta.to(x.lambertian.dtype)).clamp_min(0.0)
+
+    # -------------------------------------------------------------------- state (checkpoints)
+    def to_record(self) -> dict[str, Any]:
+        """Tensors and plain values only (weights_only checkpoints)."""
+        return {"spec": self.spec.to_dict(), "weights": {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}}
+
+    @staticmethod
+    def from_record(rec: Mapping[str, Any], device: torch.device | str = "cpu") -> "NeuralRenderer":
+        spec = NeuralRendererSpec.from_dict(rec["spec"])
+        weights = {k: torch.as_tensor(v) for k, v in rec["weights"].items()}
+        net = NeuralRenderer(int(weights["features"].shape[0]), spec)
+        net.load_state_dict(weights)
+        return net.to(device)
+
+
+__all__ = ["KINDS", "NeuralRendererSpec", "PixelInputs", "positional_encoding", "PixelMLP", "FeatureUNet",
+           "NeuralRenderer"]

@@ -1,0 +1,242 @@
+"""neural: gradients reach the features and the network (both heads), the renderer learns a known
+appearance the Lambertian model lacks and beats HAM's shading on a held-out view, the stage
+resumes from its checkpoint, the exporter writes its files, bad confs are errors."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import handmodel
+from capture.scan import Scan, View
+from fitting import losses as Lo
+from fitting import neural as NR
+from fitting.state import State
+from networks.neural_renderer import NeuralRenderer, NeuralRendererSpec, PixelInputs, positional_encoding
+from renderer import make_context
+from renderer.mesh_ops import loop_subdivide
+from test_silhouette_fit import ring_cameras, true_params
+
+HW = (48, 64)
+
+
+def _conf(**neural) -> dict:
+    section = {"iterations": 150, "iterations_geometry": 4, "lr_network": 0.005}
+    section.update(neural)
+    return {"device": "cpu", "data": {"scale": 1.0}, "log": {"progress": False}, "neural": section,
+            "ham": {"mask_update_every": 0}}
+
+
+def _sh() -> torch.Tensor:
+    sh = torch.zeros(9, 3)
+    sh[0] = 2.6
+    sh[2] = torch.tensor([-1.0, -0.9, -0.9])
+    sh[1] = torch.tensor([-0.5, -0.5, -0.4])
+    return sh
+
+
+@pytest.fixture(scope="module")
+def scene():
+    """One hand (model mesh, one Loop level) in 7 views of 64x48, the last held out. The photos
+    show a striped albedo times the SH shading plus a view-dependent rim brightening; the HAM
+    state the stage starts from has the right mesh and light but a stripe-less albedo, so the
+    shaded render misses both and the neural renderer can learn them."""
+    torch.manual_seed(0)
+    model = handmodel.load("builtin", "right")
+    with torch.no_grad():
+        v0 = model.forward(true_params()).vertices[0]
+    sub = loop_subdivide(model.faces, model.num_vertices, 1)
+    verts, faces = sub.apply(v0), sub.faces
+    c = verts - verts.mean(0)
+    base = torch.tensor([0.62, 0.42, 0.33]).expand(len(verts), 3)
+    stripes = 0.5 + 0.5 * torch.sin(c[:, 0] * 250.0)[:, None] * torch.tensor([1.0, 0.8, 0.7])
+    albedo = (base * (0.6 + 0.6 * stripes)).clamp(0, 1)
+    sh = _sh()
+    cams = ring_cameras(7, (HW[1], HW[0]), verts.mean(0).numpy().astype(np.float64), dist=0.4, f=110.0, elevation=0.6)
+    ctx = make_context("cpu")
+    with torch.no_grad():
+        sc = Lo.merge([verts], [faces])
+        fr = NR.make_frame(ctx, sc, cams, HW)
+        net = NeuralRenderer(len(verts), NeuralRendererSpec())
+        x = NR.pixel_inputs(net, fr, sc.verts, sc.tri, albedo, sh)
+        rim = 0.25 * (1.0 - (x.normal * -x.normal.new_tensor([0.0, 0.0, 1.0])).sum(-1).abs()) ** 2
+        img, cov = NR.image_of(fr, x.lambertian + rim[:, None], sc, ctx)
+    photos, masks = Lo.linear_to_srgb(img).numpy(), (cov > 0.5).numpy()
+    views = [View(cm.name, cm, image=photos[i], mask=masks[i]) for i, cm in enumerate(cams)]
+    scan = Scan(views, sides=("right",), scan_id="t", source="test").hold_out([cams[-1].name])
+    st = State()
+    st.refined["right"] = {"vertices": verts.clone(), "faces": faces.clone(), "albedo": base.clone()}
+    fitted = [cm.name for cm in cams[:-1]]
+    st.lighting = {"sh": sh.expand(len(fitted), 9, 3).clone(), "sh_mean": sh.clone(), "views": fitted}
+    return scan, st, verts, faces
+
+
+@pytest.fixture(scope="module")
+def trained(scene):
+    scan, st, _, _ = scene
+    torch.manual_seed(0)
+    return NR.run(scan, copy.deepcopy(st), _conf())
+
+
+# --------------------------------------------------------------------------------------- modules
+@pytest.mark.parametrize("kind", ["mlp", "unet"])
+def test_gradients_reach_features_network_and_geometry(scene, kind):
+    scan, st, verts, faces = scene
+    ctx = make_context("cpu")
+    v = verts.clone().requires_grad_(True)
+    albedo = st.refined["right"]["albedo"].clone().requires_grad_(True)
+    net = NeuralRenderer(len(verts), NeuralRendererSpec(kind=kind, unet_channels=4))
+    with torch.no_grad():  # a non-zero last layer, so the gradient passes through it
+        net.head.out.weight.normal_(0, 0.1)
+    sc = Lo.Scene(v, faces.to(torch.int32), [0, len(verts)])
+    fr = NR.make_frame(ctx, sc, [vw.camera for vw in scan.views[:2]], HW, multiple=net.spec.multiple)
+    rgb = NR.shade_pixels(net, fr, NR.pixel_inputs(net, fr, v, sc.tri, albedo, _sh()))
+    img, cov = NR.image_of(fr, rgb, sc, ctx)
+    assert img.shape == (2, *HW, 3) and torch.isfinite(img).all()
+    (img ** 2).sum().backward()
+    seen = torch.unique(fr.tri)
+    assert net.features.grad[seen].abs().sum(1).gt(0).float().mean() > 0.9  # every visible vertex learns
+    assert net.features.grad.abs().sum() > 0
+    body = [p for n, p in net.head.named_parameters() if not n.startswith("out")]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in body)
+    assert net.head.out.weight.grad.abs().sum() > 0
+    assert v.grad[seen].abs().sum() > 0 and albedo.grad[seen].abs().sum() > 0
+
+
+def test_untrained_renderer_is_the_lambertian_render(scene):
+    """The zero-initialised correction: before training the neural image is HAM's shading."""
+    from fitting.ham import render_views
+
+    scan, st, verts, faces = scene
+    ctx = make_context("cpu")
+    cams = [vw.camera for vw in scan.views[:3]]
+    for kind in ("mlp", "unet"):
+        net = NeuralRenderer(len(verts), NeuralRendererSpec(kind=kind))
+        img, cov = NR.render_neural(net, ctx, [verts], [faces], [st.refined["right"]["albedo"]], _sh(), cams, HW)
+        rv = render_views(ctx, [verts], [faces], [st.refined["right"]["albedo"]], _sh().expand(3, 9, 3), cams, HW)
+        assert np.abs(img - rv.shaded).max() < 1e-5 and np.abs(cov - rv.coverage).max() < 1e-6
+
+
+def test_positional_encoding_and_spec_round_trip():
+    x = torch.tensor([[0.25, -0.5, 1.0]])
+    pe = positional_encoding(x, 2)
+    assert pe.shape == (1, 12)
+    assert torch.allclose(pe[0, :3], torch.sin(np.pi * x[0]), atol=1e-6)
+    assert positional_encoding(x, 0).shape == (1, 0)
+    net = NeuralRenderer(10, NeuralRendererSpec(kind="unet", unet_depth=1))
+    with torch.no_grad():
+        net.features.normal_()
+    back = NeuralRenderer.from_record(net.to_record())
+    assert back.spec == net.spec and torch.equal(back.features, net.features)
+    with pytest.raises(ValueError, match="multiples of 2"):
+        z = torch.zeros(1, 5, 6, 1)
+        back(PixelInputs(z.expand(1, 5, 6, 8), z.expand(1, 5, 6, 3), z.expand(1, 5, 6, 3), z.expand(1, 5, 6, 3),
+                         z.expand(1, 5, 6, 3)))
+
+
+# ------------------------------------------------------------------------------------------ stage
+def test_renderer_learns_the_appearance_and_beats_shading_on_the_held_out_view(trained):
+    m = trained.metrics["neural"]
+    ho, tr = m["holdout"], m["train"]
+    assert list(ho["views"]) == ["06"] and ho["views"]["06"]["status"] != "dropped"
+    assert ho["views"]["06"]["pixels"] > 300
+    # the photos hold stripes and a rim the shaded render cannot show: the neural render can
+    assert tr["neural_psnr_mean"] > tr["shaded_psnr_mean"] + 3.0, tr
+    assert ho["neural_psnr_mean"] > ho["shaded_psnr_mean"] + 2.0, ho
+    assert ho["neural_ssim_mean"] > ho["shaded_ssim_mean"], ho
+    assert m["losses"]["appearance"]["photometric"] < 0.02
+    rec = trained.neural
+    assert rec["vertices"]["right"].shape == rec["albedo"]["right"].shape
+    assert torch.isfinite(rec["vertices"]["right"]).all() and 0 < m["displacement_mm"]["right"] < 1.0
+
+
+def test_unet_renderer_trains(scene):
+    scan, st, _, _ = scene
+    torch.manual_seed(0)
+    out = NR.run(scan, copy.deepcopy(st), _conf(renderer="unet", unet_channels=8, unet_depth=1, iterations=40,
+                                                 iterations_geometry=0, lr_network=0.01))
+    tr = out.metrics["neural"]["train"]
+    assert tr["neural_psnr_mean"] > tr["shaded_psnr_mean"] + 1.0, tr
+    assert out.neural["renderer"]["spec"]["kind"] == "unet"
+
+
+def test_stage_resumes_from_its_checkpoint_and_the_exporter_writes_its_files(scene, tmp_path, monkeypatch):
+    """A crash in neural keeps ham's checkpoint; the rerun computes only neural; a third run
+    resumes everything and its renderer draws the same images; outputs hold the neural files."""
+    from fitting.conf import load_conf
+    from fitting.pipeline import REGISTRY, StageSpec, run_pipeline
+    from export.outputs import write_outputs
+    from export.neural import export_neural, load_neural
+    from pathlib import Path
+
+    scan, st, verts, faces = scene
+    repo = Path(__file__).resolve().parents[1]
+    tree = load_conf(repo / "conf" / "demo_neural.conf", [
+        "pipeline.stages=[ham, neural]", "log.progress=false", "device=cpu", "data.holdout_views=[]",
+        "neural.iterations=20", "neural.iterations_geometry=2", "ham.mask_update_every=0"]).tree
+    calls: list[str] = []
+
+    def fake_ham(scan, state, conf):  # the ham stage's outputs, as the fixture made them
+        calls.append("ham")
+        state.refined = copy.deepcopy(st.refined)
+        state.lighting = copy.deepcopy(st.lighting)
+        return state
+
+    def crash(*a, **k):
+        calls.append("neural")
+        raise RuntimeError("simulated crash inside neural")
+
+    def counted(*a, **k):
+        calls.append("neural")
+        return NR.run(*a, **k)
+
+    reg = {"ham": StageSpec("ham", fake_ham), "neural": StageSpec("neural", crash, REGISTRY["neural"].conf_sections)}
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_pipeline(scan, tree, tmp_path, registry=reg)
+    assert (tmp_path / "stages" / "00_ham.pt").is_file() and not (tmp_path / "stages" / "01_neural.pt").exists()
+    reg["neural"] = StageSpec("neural", counted, REGISTRY["neural"].conf_sections)
+    done = run_pipeline(scan, tree, tmp_path, registry=reg)
+    assert calls == ["ham", "neural", "neural"]
+    again = run_pipeline(scan, tree, tmp_path, registry=reg)
+    assert calls == ["ham", "neural", "neural"]  # resumed
+    assert torch.equal(again.neural["renderer"]["weights"]["features"], done.neural["renderer"]["weights"]["features"])
+    assert again.metrics["neural"]["holdout"]["neural_psnr_mean"] == done.metrics["neural"]["holdout"]["neural_psnr_mean"]
+    ctx = make_context("cpu")
+    cams = [scan.holdout[0].camera]
+    imgs = []
+    for s in (done, again):
+        net, v, f, a, sh = NR.load_record(s.neural)
+        imgs.append(NR.render_neural(net, ctx, v, f, a, sh, cams, HW)[0])
+    assert np.array_equal(imgs[0], imgs[1])
+    out = tmp_path / "out"
+    write_outputs(scan, again, tree, out, {"conf": "t", "scan_id": "t"}, exporters=[export_neural])
+    names = sorted(p.name for p in (out / "images" / "neural").iterdir())
+    assert "neural_06.png" in names and "compare_06.png" in names and "neural_00.png" in names
+    rec = load_neural(out / "neural.pt")
+    assert torch.equal(rec["renderer"]["weights"]["features"], again.neural["renderer"]["weights"]["features"])
+    assert "neural renderer" in (out / "report.html").read_text()
+
+
+def test_bad_conf_and_input_are_errors(scene):
+    scan, st, _, _ = scene
+    with pytest.raises(ValueError, match="neural.renderer must be one of"):
+        NR.NeuralConf.from_conf({"neural": {"renderer": "cnn"}})
+    with pytest.raises(KeyError, match="unknown terms"):
+        NR.NeuralConf.from_conf({"neural": {"weights": {"perceptual": 1.0}}})
+    with pytest.raises(ValueError, match="feature_dim must be >= 1"):
+        NR.NeuralConf.from_conf({"neural": {"feature_dim": 0}})
+    with pytest.raises(ValueError, match="subdivide must be 0..2"):
+        NR.NeuralConf.from_conf({"neural": {"subdivide": 3}})
+    with pytest.raises(ValueError, match="iterations must be >= 0"):
+        NR.NeuralConf.from_conf({"neural": {"iterations": -1}})
+    with pytest.raises(KeyError, match="unknown key"):
+        NeuralRendererSpec.from_dict({"kind": "mlp", "depth": 3})
+    with pytest.raises(ValueError, match="needs the ham stage"):
+        NR.run(scan, State(), _conf())
+    from fitting.conf import ConfError, load_conf
+    from pathlib import Path
+
+    with pytest.raises(ConfError, match="neural.lr_netwrk"):
+        load_conf(Path(__file__).resolve().parents[1] / "conf" / "demo_neural.conf", ["neural.lr_netwrk=0.1"])
