@@ -396,7 +396,16 @@ def bench_fit(args: argparse.Namespace) -> int:
               f"{'' if gpu is None else f'{gpu:.0f}':>13}")
     print(f"{'outputs':<16}{t_out:>10.2f}")
     print(f"{'total':<16}{total:>10.2f}")
+    for (stage, width), limit in STAGE_TARGETS_S.items():
+        if stage in state.metrics and W == width and conf.device == "cpu":
+            t = float(state.metrics[stage].get("time_s", float("nan")))
+            print(f"target: stage {stage} <= {limit:.0f} s at {W} px on 2 CPU cores -> {'ok' if t <= limit else 'MISSED'}")
     return 0
+
+
+# (stage, fitted width) -> seconds for that stage alone on 2 CPU cores: the neural renderer's
+# training (issue #5) with the demo conf (conf/demo_neural.conf) at 320x256.
+STAGE_TARGETS_S: dict[tuple[str, int], float] = {("neural", 320): 1200.0}
 
 
 def _add_fit(sub: argparse._SubParsersAction) -> None:
