@@ -619,10 +619,13 @@ def photo_metrics(render_srgb: np.ndarray, photo: np.ndarray, region: np.ndarray
 def evaluate(prob: Problem, unk: Unknowns) -> dict[str, Any]:
     """Per view: IoU (``iou_report``), PSNR/SSIM of the shaded render; means over kept views.
 
-    ``psnr`` / ``ssim`` are over the pixels that are inside the usable mask and covered by the
-    render (where both show the hand: colour accuracy), ``psnr_full_mask`` over every usable mask
-    pixel (uncovered ones count as black: colour and silhouette together). Views whose mask was
-    dropped are measured over the render's own coverage and flagged ``region: render``."""
+    ``psnr`` / ``ssim`` are over the hand's interior: pixels inside the usable mask and covered by
+    the render, less that region's one-pixel rim (the photometric loss's region: a rim pixel of
+    the photo mixes the hand with an unknown background, the render's with black, so it measures
+    the silhouette, not the colour); ``psnr_with_rim`` keeps the rim; ``psnr_full_mask`` is over
+    every usable mask pixel (uncovered ones count as black: colour and silhouette together). Views
+    whose mask was dropped are measured over the render's own coverage (eroded likewise) and
+    flagged ``region: render``; ``mask_judgement`` says which views were dropped or partial, and why."""
     verts = [unk.vertices(h).detach() for h in prob.hands]
     sh = unk.sh.detach() if unk.sh.ndim == 3 else unk.sh.detach().unsqueeze(0).expand(prob.V, -1, -1)
     rv = render_views(prob.ctx, verts, [h.faces for h in prob.hands], [unk.albedo_of(h.side) for h in prob.hands], sh,
@@ -638,9 +641,10 @@ def evaluate(prob: Problem, unk: Unknowns) -> dict[str, Any]:
     for i, name in enumerate(prob.names):
         rec = dict(ious["views"][name])
         if i in prob.kept and not prob.maskless:
-            m = photo_metrics(rv.shaded[i], photo[i], usable[i] & covered[i])
+            m = photo_metrics(rv.shaded[i], photo[i], _erode_np(usable[i] & covered[i]))
             full = photo_metrics(rv.shaded[i], photo[i], usable[i])
             rec.update(m)
+            rec["psnr_with_rim"] = photo_metrics(rv.shaded[i], photo[i], usable[i] & covered[i])["psnr"]
             rec["psnr_full_mask"] = full["psnr"]
             rec["region"] = "mask"
             if m["psnr"] is not None:
@@ -658,15 +662,21 @@ def evaluate(prob: Problem, unk: Unknowns) -> dict[str, Any]:
                     ssims.append(rec["ssim"])
         views[name] = rec
     kept_full = [views[prob.names[i]]["psnr_full_mask"] for i in prob.kept if views[prob.names[i]].get("psnr_full_mask")]
+    kept_rim = [views[prob.names[i]]["psnr_with_rim"] for i in prob.kept if views[prob.names[i]].get("psnr_with_rim")]
+    raw = [views[n]["iou_raw"] for n in prob.names]
     return {
         "views": views,
         "iou_mean": ious["iou_mean"],
         "iou_min": ious["iou_min"],
+        "iou_raw_mean": float(np.mean(raw)) if raw else None,
         "psnr_mean": float(np.mean(psnrs)) if psnrs else None,
+        "psnr_with_rim_mean": float(np.mean(kept_rim)) if kept_rim else None,
         "psnr_full_mask_mean": float(np.mean(kept_full)) if kept_full else None,
         "ssim_mean": float(np.mean(ssims)) if ssims else None,
         "dropped_views": ious["dropped_views"],
         "partial_views": ious["partial_views"],
+        "mask_judgement": {n: {"status": v["status"], "why": v.get("note", "")} for n, v in views.items()
+                           if v["status"] != "ok"},
     }
 
 
@@ -674,7 +684,8 @@ def evaluate_holdout(prob: Problem, unk: Unknowns, views: Sequence[Any], mcfg: M
     """Novel-view check on views kept out of every fit (``scan.holdout``): the refined hands
     rendered with the mean SH of the fitted views (as ``scripts/render_views.py`` renders a camera
     it never saw) and no camera correction; per view IoU (``iou_report``: raw, without forearm,
-    usable), PSNR / SSIM over the usable mask pixels the render covers (``psnr_full_mask`` over
+    usable), PSNR / SSIM over the interior of the usable mask pixels the render covers, as in
+    ``evaluate`` (``psnr_with_rim`` with its rim, ``psnr_full_mask`` over
     all usable mask pixels), and their means. A view without a mask is measured on the render's
     own coverage (``region: render``, no IoU)."""
     held = Scan(list(views), prob.scan.sides, prob.scan.scan_id, prob.scan.source)
@@ -701,7 +712,8 @@ def evaluate_holdout(prob: Problem, unk: Unknowns, views: Sequence[Any], mcfg: M
             continue
         if v.mask is not None:
             rec: dict[str, Any] = dict(ious["views"][v.name])
-            rec.update(photo_metrics(rv.shaded[i], photo[i], usable[i] & covered[i]))
+            rec.update(photo_metrics(rv.shaded[i], photo[i], _erode_np(usable[i] & covered[i])))
+            rec["psnr_with_rim"] = photo_metrics(rv.shaded[i], photo[i], usable[i] & covered[i])["psnr"]
             rec["psnr_full_mask"] = photo_metrics(rv.shaded[i], photo[i], usable[i])["psnr"]
             rec["region"] = "mask"
         else:
