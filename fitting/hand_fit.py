@@ -14,6 +14,7 @@ parameters, all joints), both with Adam. Both hands are optimised together, one 
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -184,9 +185,38 @@ TERMS: dict[str, LossTerm] = {
 }
 
 
-def register_term(name: str, fn: LossTerm) -> None:
-    """Add a loss term (e.g. ``silhouette``); its weight is ``hand_fit.weights.<name>``."""
+# Terms that read only the joints and the parameters (not ``out[side].vertices``): when every
+# active term does, Newton computes its Hessian on a joints-only copy of the model (joints_model).
+JOINT_TERMS: set[str] = {"keypoints3d", "reprojection", "pose_prior", "shape_prior"}
+
+
+def register_term(name: str, fn: LossTerm, joints_only: bool = False) -> None:
+    """Add a loss term (e.g. ``silhouette``); its weight is ``hand_fit.weights.<name>``.
+    ``joints_only``: the term reads no vertices (see ``JOINT_TERMS``)."""
     TERMS[name] = fn
+    if joints_only:
+        JOINT_TERMS.add(name)
+    else:
+        JOINT_TERMS.discard(name)
+
+
+def joints_model(model: Any) -> Any:
+    """A copy of ``model`` that poses only the vertices its fingertip joints are read from: the
+    same ``joints``, ``vertices`` reduced to those few. Its second derivatives cost a third of the
+    full mesh's (the double backward through 1609 skinned vertices dominates a Newton step).
+    Models without the built-in layout (``tip_vertex_ids``) are returned as they are."""
+    if not isinstance(model, torch.nn.Module) or getattr(model, "tip_vertex_ids", None) is None:
+        return model
+    ids = torch.unique(model.tip_vertex_ids.reshape(-1))
+    m = copy.copy(model)
+    m.__dict__ = dict(model.__dict__)
+    m._buffers = dict(model._buffers)
+    m.template, m.shapedirs, m.weights = model.template[ids], model.shapedirs[ids], model.weights[ids]
+    if model.posedirs is not None:  # (135, V*3) -> the rows' columns of the kept vertices
+        m.posedirs = model.posedirs.reshape(model.posedirs.shape[0], -1, 3)[:, ids].reshape(model.posedirs.shape[0], -1)
+    m.tip_vertex_ids = torch.searchsorted(ids, model.tip_vertex_ids)
+    m.faces = model.faces[:0]
+    return m
 
 
 # ------------------------------------------------------------------------------------------- stage
@@ -263,11 +293,14 @@ def _optimise(
     active = {k: w for k, w in weights.items() if w > 0}
     bar = progress(range(iterations), desc)
 
-    def loss_of(values: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    light = {s: joints_model(m) for s, m in models.items()} if set(active) <= JOINT_TERMS else models
+
+    def loss_of(values: list[torch.Tensor], joints_only: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cur = {side: HandParams(p.betas, p.hand_pose, p.global_orient, p.transl) for side, p in params.items()}
         for (side, n, _, _), v in zip(leaves, values):
             setattr(cur[side], n, v)
-        out = {s: models[s].forward(p.betas, p.hand_pose, p.global_orient, p.transl) for s, p in cur.items()}
+        use = light if joints_only else models
+        out = {s: use[s].forward(p.betas, p.hand_pose, p.global_orient, p.transl) for s, p in cur.items()}
         terms = {k: TERMS[k](ctx, cur, out) for k in active}
         ctx.evaluations += 1
         return sum(active[k] * v for k, v in terms.items()), terms
@@ -279,7 +312,7 @@ def _optimise(
     return {k: float(v.detach()) for k, v in terms.items()}
 
 
-LossFn = Callable[[list[torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]  # (values, joints_only=False)
 
 
 def _adam(loss_of: LossFn, leaves: list, iterations: int, lr: float, bar: Any) -> dict[str, torch.Tensor]:
@@ -311,7 +344,8 @@ def _newton(loss_of: LossFn, leaves: list, iterations: int, lr: float, bar: Any)
     solved again (one forward each). Stops early once a step gains less than ``NEWTON_RTOL`` of
     the loss. Near the answer the loss is nearly quadratic, so from a close start (the GCN's) a
     few steps reach the minimum where Adam's fixed-size steps first move away from it, then
-    creep. ``lr`` is unused."""
+    creep. ``loss_of(..., joints_only=True)`` evaluates on :func:`joints_model` copies when every
+    active term reads joints only (the same values at a third of the cost). ``lr`` is unused."""
     tensors = [t for *_, t in leaves]
     shapes = [t.shape for t in tensors]
     sizes = [t.numel() for t in tensors]
@@ -330,7 +364,7 @@ def _newton(loss_of: LossFn, leaves: list, iterations: int, lr: float, bar: Any)
         H = torch.zeros(x.numel(), x.numel(), dtype=torch.float64, device=x.device)
         for i, idx in enumerate(blocks):  # per side, the others constant: one hand's graph per double backward
             xs = [x[b].clone().requires_grad_(j == i) for j, b in enumerate(blocks)]
-            loss, terms = loss_of(split(torch.cat(xs)[unorder]))
+            loss, terms = loss_of(split(torch.cat(xs)[unorder]), joints_only=True)
             g[idx], H[idx[:, None], idx[None]] = _hessian(loss, xs[i])
         bar.losses(total=loss.detach(), **{k: v.detach() for k, v in terms.items()})
         f0 = float(loss.detach())
@@ -344,7 +378,7 @@ def _newton(loss_of: LossFn, leaves: list, iterations: int, lr: float, bar: Any)
             curv = w + lam if float(w.min()) + lam > 0 else w.abs() + lam
             d = (sc * (Q @ (-gq / curv))).to(x.dtype)
             with torch.no_grad():
-                f1 = float(loss_of(split(x + d))[0])
+                f1 = float(loss_of(split(x + d), joints_only=True)[0])
             if f1 < f0:
                 x = x + d
                 lam = max(lam / 10.0, 1e-9)

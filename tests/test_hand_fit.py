@@ -189,3 +189,18 @@ def test_newton_keeps_frozen_parameters_and_optimizer_names_are_checked(fitted):
         assert not torch.equal(out.params[s].hand_pose, start[s].hand_pose)
     with pytest.raises(ValueError, match="warm_optimizer"):
         hand_fit.HandFitConf.from_conf({"hand_fit": {"warm_optimizer": "sgd"}})
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_joints_model_poses_the_same_joints(side: str):
+    """Newton's Hessians use a copy of the model that skins only the fingertip vertices."""
+    m = handmodel.load("builtin", side=side)
+    light = hand_fit.joints_model(m)
+    g = torch.Generator().manual_seed(5)
+    p = HandParams(torch.randn(4, 10, generator=g), 0.4 * torch.randn(4, 15, 3, generator=g),
+                   torch.randn(4, 3, generator=g), 0.1 * torch.randn(4, 3, generator=g))
+    with torch.no_grad():
+        full, few = m(p), light(p)
+    torch.testing.assert_close(few.joints, full.joints, rtol=0, atol=1e-6)
+    assert few.vertices.shape[1] <= 3 * 5 < m.num_vertices == full.vertices.shape[1]
+    assert m.template.shape[0] == m.num_vertices  # the original is untouched
