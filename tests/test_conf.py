@@ -206,6 +206,7 @@ CONF_CLASSES = {
     ("fitting.silhouette_fit", "SilhouetteFitConf"): "silhouette_fit",
     ("fitting.masks", "MaskConf"): "masks",
     ("fitting.ham", "HamConf"): "ham",
+    ("fitting.neural", "NeuralConf"): "neural",
 }
 
 
