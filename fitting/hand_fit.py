@@ -35,6 +35,7 @@ PALM_JOINTS = (0, 1, 5, 9, 13, 17)  # wrist, thumb CMC, index/middle/ring/pinky 
 PARAM_NAMES = ("betas", "hand_pose", "global_orient", "transl")
 OPTIMIZERS = ("adam", "newton")
 NEWTON_TRIES = 8  # damping increases (x10 each) tried before a Newton step is given up
+NEWTON_MAX_STEP = 0.25  # radians (x transl/betas_lr_scale for those) a Newton step may move a parameter
 NEWTON_RTOL = 1e-6  # a Newton step gaining less than this fraction of the loss ends the phase (float32 loss)
 
 
@@ -341,8 +342,11 @@ def _newton(loss_of: LossFn, leaves: list, iterations: int, lr: float, bar: Any)
     diagonal (the step does not depend on the units: metres, radians, shape std); where that
     matrix is not positive definite (far from a minimum), ``|eigenvalues| + lambda`` instead. A
     step that lowers the loss is taken and lambda shrinks, otherwise lambda grows and the step is
-    solved again (one forward each). Stops early once a step gains less than ``NEWTON_RTOL`` of
-    the loss. Near the answer the loss is nearly quadratic, so from a close start (the GCN's) a
+    solved again (one forward each). A step is shortened so that no parameter moves more than
+    ``NEWTON_MAX_STEP`` (radians; times the transl/betas step scales for those): directions the
+    keypoints barely see (a fingertip joint's twist) have almost no curvature, and an unbounded
+    Newton step along them winds an axis-angle past pi into a pose the prior cannot recognise.
+    Stops early once a step gains less than ``NEWTON_RTOL`` of the loss. Near the answer the loss is nearly quadratic, so from a close start (the GCN's) a
     few steps reach the minimum where Adam's fixed-size steps first move away from it, then
     creep. ``loss_of(..., joints_only=True)`` evaluates on :func:`joints_model` copies when every
     active term reads joints only (the same values at a third of the cost). ``lr`` is unused."""
@@ -353,6 +357,8 @@ def _newton(loss_of: LossFn, leaves: list, iterations: int, lr: float, bar: Any)
     owner = [side for (side, *_), k in zip(leaves, sizes) for _ in range(k)]
     blocks = [torch.tensor([i for i, o in enumerate(owner) if o == side]) for side in dict.fromkeys(owner)]
     unorder = torch.argsort(torch.cat(blocks))
+    # trust region: no parameter moves more than NEWTON_MAX_STEP x its step scale in one step
+    reach = torch.cat([torch.full((k,), NEWTON_MAX_STEP * scale) for (_, _, scale, _), k in zip(leaves, sizes)]).to(x)
 
     def split(v: torch.Tensor) -> list[torch.Tensor]:
         return [c.reshape(sh) for c, sh in zip(torch.split(v, sizes), shapes)]
@@ -377,6 +383,7 @@ def _newton(loss_of: LossFn, leaves: list, iterations: int, lr: float, bar: Any)
             # Levenberg-Marquardt on H where H + lambda diag(H) is positive definite; else on |H|
             curv = w + lam if float(w.min()) + lam > 0 else w.abs() + lam
             d = (sc * (Q @ (-gq / curv))).to(x.dtype)
+            d = d * min(1.0, float((reach / d.abs().clamp(min=1e-30)).min()))
             with torch.no_grad():
                 f1 = float(loss_of(split(x + d), joints_only=True)[0])
             if f1 < f0:
