@@ -11,7 +11,7 @@ an interpenetration penalty between the two hands.
 
 Camera corrections: a per-view principal-point shift is estimated with the hands (prior std
 ``camera_sigma_px``). Calibrations are rarely consistent to a pixel, and one bad camera (the demo
-capture's view 06 is ~35 px off the others, seen both in the keypoints' reprojections and in the
+capture's view 06 is ~40 px off the others, seen both in the keypoints' reprojections and in the
 silhouettes) otherwise pulls both hands out of place in every view. The corrections are stored
 in the metrics (``camera_offsets_px``, pixels of the original images) and applied by ``ham``, the
 exporters and ``scripts/render_views.py`` (``camera_offsets``).
@@ -71,7 +71,7 @@ class SilhouetteFitConf:
     # camera), estimated with the hands: their prior std (pixels of the original image) and Adam
     # step (pixels at the loaded size: the noise of the contour gradients is in those pixels).
     refine_cameras: bool = True
-    camera_sigma_px: float = 15.0
+    camera_sigma_px: float = 40.0
     lr_camera_px: float = 0.25
     # Pairs of vertices farther apart than this (metres) never count as interpenetrating.
     interpenetration_radius: float = 0.02
