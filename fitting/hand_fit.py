@@ -11,6 +11,11 @@ sized to the observed bones, oriented by a Kabsch fit of its palm joints to the 
 fingers bent by analytic inverse kinematics), then ``global`` (orientation and translation
 against the palm joints only: a wrong finger pose must not tilt the palm), then ``full`` (all
 parameters, all joints), both with Adam. Both hands are optimised together, one bar.
+
+From an initializer's parameters (the GCN: ~1 mm from clean keypoints) the ``warm_*`` schedule
+runs instead: no global phase and damped Newton steps on the exact Hessian (``_newton``), which
+converge from a close start in a few iterations where Adam's fixed-size first steps move a close
+start away and its decaying steps then creep (scripts/eval_gcn.py --iterations measures both).
 """
 from __future__ import annotations
 
