@@ -351,16 +351,16 @@ def _newton(loss_of: LossFn, leaves: list, iterations: int, lr: float, bar: Any)
     ``NEWTON_MAX_STEP`` (radians; times the transl/betas step scales for those): directions the
     keypoints barely see (a fingertip joint's twist) have almost no curvature, and an unbounded
     Newton step along them winds an axis-angle past pi into a pose the prior cannot recognise.
-    Stops early once a step gains less than ``NEWTON_RTOL`` of the loss. Near the answer the loss is nearly quadratic, so from a close start (the GCN's) a
-    few steps reach the minimum where Adam's fixed-size steps first move away from it, then
-    creep. ``loss_of(..., joints_only=True)`` evaluates on :func:`joints_model` copies when every
+    Stops early once a step gains less than ``NEWTON_RTOL`` of the loss. Near the answer the loss
+    is nearly quadratic, so from a close start (the GCN's) a few steps reach the minimum where
+    Adam's fixed-size steps first move away from it, then creep. ``loss_of(..., joints_only=True)`` evaluates on :func:`joints_model` copies when every
     active term reads joints only (the same values at a third of the cost). ``lr`` is unused."""
     tensors = [t for *_, t in leaves]
     shapes = [t.shape for t in tensors]
     sizes = [t.numel() for t in tensors]
     x = torch.cat([t.detach().reshape(-1) for t in tensors])
     owner = [side for (side, *_), k in zip(leaves, sizes) for _ in range(k)]
-    blocks = [torch.tensor([i for i, o in enumerate(owner) if o == side]) for side in dict.fromkeys(owner)]
+    blocks = [torch.tensor([i for i, o in enumerate(owner) if o == side], device=x.device) for side in dict.fromkeys(owner)]
     unorder = torch.argsort(torch.cat(blocks))
     # trust region: no parameter moves more than NEWTON_MAX_STEP x its step scale in one step
     reach = torch.cat([torch.full((k,), NEWTON_MAX_STEP * scale) for (_, _, scale, _), k in zip(leaves, sizes)]).to(x)
@@ -398,6 +398,8 @@ def _newton(loss_of: LossFn, leaves: list, iterations: int, lr: float, bar: Any)
             lam *= 10.0
         if f0 - f1 <= NEWTON_RTOL * abs(f0):  # converged (or no step lowers the loss at any damping)
             break
+    with torch.no_grad():  # the terms where the fit ends
+        terms = loss_of(split(x), joints_only=True)[1]
     for t, v in zip(tensors, split(x)):
         t.data.copy_(v)
     return terms
