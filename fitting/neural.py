@@ -3,9 +3,12 @@
 Input: the ``ham`` stage's refined hands (``state.refined``) and lighting (``state.lighting``).
 The renderer (``networks/neural_renderer.py``) reads per-vertex learned features and real
 per-pixel quantities (HAM albedo, the Lambertian colour under the mean SH of the fitted views,
-camera-space normal, view direction, their positional encodings) and outputs linear RGB as a
-learned correction of the Lambertian colour. One lighting for every view (the mean SH), so a
-held-out camera gets exactly the inputs a fitted one does.
+camera-space normal, view direction, their cosine, positional encodings) and outputs linear RGB
+as a learned correction of the Lambertian colour. One lighting for every view (the mean SH), so a
+held-out camera gets exactly the inputs a fitted one does. The correction is scaled per vertex by
+a confidence (``observation_confidence``: how many fitted pixels saw the vertex, over
+``neural.confidence_pixels``), so surface the fitted views hardly saw keeps the Lambertian colour
+in a novel view instead of an extrapolation.
 
 Phases (iterations and rates in the ``neural`` conf section):
 1. features + network against the fitted views' photos, geometry and albedo fixed: the raster is
@@ -35,7 +38,8 @@ import torch
 from capture.camera import Camera
 from capture.scan import Scan
 from fitting import losses as Lo
-from fitting.ham import HamConf, Problem, Unknowns, _adam, _regularisers, photo_metrics, plain_mesh, render_views
+from fitting.ham import (HamConf, Problem, Unknowns, _adam, _regularisers, crop_views, photo_metrics, plain_mesh,
+                         render_views)
 from fitting.masks import MaskBuilder, MaskConf, pad_stack
 from fitting.pipeline import progress
 from fitting.pose_fit import image_scale
@@ -65,6 +69,7 @@ class NeuralConf:
     unet_depth: int = 2
     crop_margin_px: int = 4
     subdivide: int = 0
+    confidence_pixels: float = 2.0
     iterations: int = 600
     iterations_geometry: int = 60
     lr_network: float = 0.003
@@ -96,7 +101,7 @@ class NeuralConf:
         for name in ("iterations", "iterations_geometry", "batch_pixels", "crop_margin_px"):
             if getattr(out, name) < 0:
                 raise ValueError(f"neural.{name} must be >= 0, got {getattr(out, name)}")
-        for name in ("lr_network", "lr_features", "lr_albedo", "lr_displacement"):
+        for name in ("lr_network", "lr_features", "lr_albedo", "lr_displacement", "confidence_pixels"):
             if not getattr(out, name) >= 0:
                 raise ValueError(f"neural.{name} must be >= 0, got {getattr(out, name)}")
         if any(v < 0 for v in out.weights.values()):
@@ -184,13 +189,14 @@ def pixel_inputs(net: NeuralRenderer, fr: Frame, verts: torch.Tensor, tri: torch
     features, the albedo and the vertices."""
     n = vertex_normals(verts, tri)
     lam = albedo * sh_shading(n, sh)
-    attr = torch.cat([net.features.to(verts.dtype), albedo, lam, n, verts], 1)
+    attr = torch.cat([net.features.to(verts.dtype), albedo, lam, n, verts, net.confidence.to(verts.dtype)], 1)
     px = (attr[fr.tri] * fr.bary[..., None].to(attr.dtype)).sum(1)
     C = net.spec.feature_dim
-    feats, alb, lamb, nw, X = px[:, :C], px[:, C:C + 3], px[:, C + 3:C + 6], px[:, C + 6:C + 9], px[:, C + 9:]
-    n_cam = torch.nn.functional.normalize(torch.einsum("pij,pj->pi", fr.R[fr.view], nw), dim=-1, eps=1e-9)
+    feats, alb, lamb, nw, X = px[:, :C], px[:, C:C + 3], px[:, C + 3:C + 6], px[:, C + 6:C + 9], px[:, C + 9:C + 12]
+    nw = torch.nn.functional.normalize(nw, dim=-1, eps=1e-9)
+    n_cam = torch.einsum("pij,pj->pi", fr.R[fr.view], nw)
     vdir = torch.nn.functional.normalize(X - fr.centres[fr.view], dim=-1, eps=1e-9)
-    return PixelInputs(feats, alb, lamb, n_cam, vdir)
+    return PixelInputs(feats, alb, lamb, n_cam, vdir, (nw * vdir).sum(-1, keepdim=True), px[:, C + 12:])
 
 
 def _autocast(device: torch.device, enabled: bool) -> Any:
@@ -208,7 +214,7 @@ def shade_pixels(net: NeuralRenderer, fr: Frame, x: PixelInputs, mixed: bool = F
     with _autocast(dev, mixed):
         if net.spec.kind == "mlp":
             if select is not None:
-                x = PixelInputs(*(t[select] for t in (x.features, x.albedo, x.lambertian, x.normal, x.view_dir)))
+                x = PixelInputs(*(None if t is None else t[select] for t in _fields(x)))
             return net(x).float()
         # unet: scatter the inputs into per-view crops, run, gather back at the covered pixels
         H, W = fr.hw
@@ -216,7 +222,10 @@ def shade_pixels(net: NeuralRenderer, fr: Frame, x: PixelInputs, mixed: bool = F
         m = net.spec.multiple
         Hp, Wp = -(-H // m) * m, -(-W // m) * m
         imgs = []
-        for t in (x.features, x.albedo, x.lambertian, x.normal, x.view_dir):
+        for t in _fields(x):
+            if t is None:
+                imgs.append(None)
+                continue
             canvas = t.new_zeros(fr.V * Hp * Wp, t.shape[1])
             y, xx = (fr.index % (H * W)) // W, fr.index % W
             canvas = canvas.index_put((fr.view * Hp * Wp + y * Wp + xx,), t)
@@ -227,6 +236,10 @@ def shade_pixels(net: NeuralRenderer, fr: Frame, x: PixelInputs, mixed: bool = F
         y0 = torch.tensor([c[0] for c in fr.crops], device=dev)[fr.view]
         x0 = torch.tensor([c[1] for c in fr.crops], device=dev)[fr.view]
         return out[fr.view, y - y0, xx - x0]
+
+
+def _fields(x: PixelInputs) -> tuple[torch.Tensor | None, ...]:
+    return (x.features, x.albedo, x.lambertian, x.normal, x.view_dir, x.facing, x.confidence)
 
 
 def image_of(fr: Frame, rgb: torch.Tensor, scene: Lo.Scene, ctx: Any, topology: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,7 +292,9 @@ def run(scan: Scan, state: State, conf: Mapping[str, Any] | None) -> State:
     meshes = {s: feature_mesh(state.refined[s], cfg.subdivide, device) for s in sides}
     hands = [plain_mesh(meshes[s][0], meshes[s][1], s) for s in sides]
     offsets = camera_offsets(state, [v.name for v in scan.views], scale, device)
-    prob = Problem(scan, hands, ctx, MaskConf.from_conf(conf), scale, device, offsets)
+    # each fitted view cut to the box around its mask and hands, as ham does (no mask pixel is lost)
+    work = crop_views(scan, [h.base for h in hands], offsets, hcfg.crop_margin_px) if hcfg.crop_margin_px >= 0 else scan
+    prob = Problem(work, hands, ctx, MaskConf.from_conf(conf), scale, device, offsets)
     sh = torch.as_tensor(state.lighting["sh_mean"], dtype=torch.float32, device=device)
     unk = Unknowns({s: meshes[s][2] for s in sides}, {h.side: torch.zeros(h.num_vertices, 1, device=device) for h in hands},
                    {}, sh)
@@ -367,6 +382,17 @@ def _feature_smooth(prob: Problem, net: NeuralRenderer) -> torch.Tensor:
     return total
 
 
+def observation_confidence(fr: Frame, weight: torch.Tensor, num_vertices: int, pixels: float) -> torch.Tensor:
+    """(N,1) per vertex: its barycentric share of the fitted pixels (weight > 0) over all views,
+    divided by ``pixels`` and capped at 1. A vertex about one pixel apart from its neighbours that
+    one view sees squarely gets ~1 per view; surface the fitted views hardly saw gets ~0."""
+    if pixels <= 0:
+        return torch.ones(num_vertices, 1, device=fr.bary.device)
+    w = (fr.bary.abs() * (weight > 0).to(fr.bary.dtype)[:, None]).reshape(-1)
+    count = torch.zeros(num_vertices, device=fr.bary.device, dtype=fr.bary.dtype).index_add_(0, fr.tri.reshape(-1), w)
+    return (count / pixels).clamp(0.0, 1.0)[:, None].float()
+
+
 def train_appearance(prob: Problem, unk: Unknowns, net: NeuralRenderer, cfg: NeuralConf) -> dict[str, float]:
     """Phase 1: features and network on the interior pixels of the fitted views; one raster."""
     views = prob.kept
@@ -377,11 +403,11 @@ def train_appearance(prob: Problem, unk: Unknowns, net: NeuralRenderer, cfg: Neu
     scene = prob.scene([unk.vertices(h).detach() for h in prob.hands])
     with torch.no_grad():
         fr = make_frame(prob.ctx, scene, cams, prob.hw, prob.off(views), net.spec.multiple, cfg.crop_margin_px)
-        static = pixel_inputs(net, fr, verts, scene.tri, prob.albedo(unk).detach(), unk.sh)
         interior = Lo.erode(fr.covered()).reshape(-1)[fr.index].float()
         weight = prob.photo_weight[views].reshape(-1)[fr.index] * interior
         photo = prob.photo[views].reshape(-1, 3)[fr.index]
-    C = net.spec.feature_dim
+        net.confidence.copy_(observation_confidence(fr, weight, net.num_vertices, cfg.confidence_pixels))
+        static = pixel_inputs(net, fr, verts, scene.tri, prob.albedo(unk).detach(), unk.sh)
     opt, sched = _adam([{"params": [net.features], "lr": cfg.lr_features},
                         {"params": list(net.head.parameters()), "lr": cfg.lr_network}], cfg.iterations)
     w = cfg.weights
@@ -393,7 +419,8 @@ def train_appearance(prob: Problem, unk: Unknowns, net: NeuralRenderer, cfg: Neu
     for _ in bar:
         opt.zero_grad(set_to_none=True)
         feats = (net.features[fr.tri] * fr.bary[..., None]).sum(1)
-        x = PixelInputs(feats, static.albedo, static.lambertian, static.normal, static.view_dir)
+        x = PixelInputs(feats, static.albedo, static.lambertian, static.normal, static.view_dir, static.facing,
+                        static.confidence)
         sel = None
         if cfg.batch_pixels and net.spec.kind == "mlp" and cfg.batch_pixels < P:
             sel = torch.randint(0, P, (cfg.batch_pixels,), generator=gen).to(fr.index.device)
@@ -407,7 +434,6 @@ def train_appearance(prob: Problem, unk: Unknowns, net: NeuralRenderer, cfg: Neu
         opt.step()
         sched.step()
         bar.losses(total=loss.detach(), **{k: v.detach() for k, v in terms.items()})
-    del C
     return {k: float(v.detach()) for k, v in terms.items()}
 
 

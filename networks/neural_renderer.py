@@ -4,8 +4,8 @@ quantities -> colour. Modules only; the optimisation lives in ``fitting/neural.p
 What a pixel sees (``PixelInputs``, all interpolated from the mesh at the pixel's surface point):
 the learned vertex features, the HAM albedo (linear), the Lambertian colour of that albedo under
 the scene's SH lighting (linear), the unit camera-space normal and the unit world-space view
-direction (camera centre -> surface point), and sin/cos positional encodings of the normal and
-the view direction. No noise channels: every input is a quantity of the scene, so a novel camera
+direction (camera centre -> surface point), their cosine (which side of the surface the camera
+sees), and sin/cos positional encodings of these. No noise channels: every input is a quantity of the scene, so a novel camera
 gets meaningful inputs.
 
 Why a residual on the Lambertian colour: the renderer outputs ``max(lambertian + head(x), 0)``
@@ -71,8 +71,8 @@ class NeuralRendererSpec:
 
     @property
     def input_channels(self) -> int:
-        # features, albedo, lambertian, normal, view direction, their encodings
-        return self.feature_dim + 3 + 3 + 3 + 3 + 2 * 3 * 2 * self.pe_frequencies
+        # features, albedo, lambertian, normal, view direction, facing, their encodings
+        return self.feature_dim + 3 + 3 + 3 + 3 + 1 + (2 * 3 * 2 + 2) * self.pe_frequencies
 
     @property
     def multiple(self) -> int:
@@ -83,13 +83,18 @@ class NeuralRendererSpec:
 @dataclass
 class PixelInputs:
     """Per-pixel inputs, each (..., k): features (C), albedo (3, linear), lambertian (3, linear
-    colour under the SH light), normal (3, unit, camera frame), view_dir (3, unit, world frame)."""
+    colour under the SH light), normal (3, unit, camera frame), view_dir (3, unit, world frame),
+    facing (1, normal . view direction: a back face seen through an opening has it > 0 and the
+    Lambertian model lights it as if seen from outside); confidence (1): the interpolated
+    ``NeuralRenderer.confidence`` (None = 1)."""
 
     features: torch.Tensor
     albedo: torch.Tensor
     lambertian: torch.Tensor
     normal: torch.Tensor
     view_dir: torch.Tensor
+    facing: torch.Tensor  # (..., 1) cosine of the world normal and the view direction (< 0: front face)
+    confidence: torch.Tensor | None = None  # (..., 1) in [0, 1]: how much of the correction to apply
 
 
 def positional_encoding(x: torch.Tensor, frequencies: int) -> torch.Tensor:
@@ -169,6 +174,10 @@ class NeuralRenderer(nn.Module):
         super().__init__()
         self.spec = spec.validate()
         self.features = nn.Parameter(torch.zeros(int(num_vertices), spec.feature_dim))
+        # per vertex, how far the learned correction is trusted (1 = fully): the stage lowers it
+        # on surface the fitted views hardly saw, where a novel view then falls back to the
+        # Lambertian colour instead of an extrapolation of the network
+        self.register_buffer("confidence", torch.ones(int(num_vertices), 1))
         if spec.kind == "mlp":
             self.head: nn.Module = PixelMLP(spec.input_channels, spec.hidden, spec.layers)
         else:
@@ -181,12 +190,13 @@ class NeuralRenderer(nn.Module):
     def encode(self, x: PixelInputs) -> torch.Tensor:
         """The head's input (..., C_in)."""
         f = self.spec.pe_frequencies
-        return torch.cat([x.features, x.albedo, x.lambertian, x.normal, x.view_dir,
-                          positional_encoding(x.normal, f), positional_encoding(x.view_dir, f)], -1)
+        return torch.cat([x.features, x.albedo, x.lambertian, x.normal, x.view_dir, x.facing,
+                          positional_encoding(x.normal, f), positional_encoding(x.view_dir, f),
+                          positional_encoding(x.facing, f)], -1)
 
     def forward(self, x: PixelInputs) -> torch.Tensor:
-        """Linear RGB (..., 3): the Lambertian colour plus the head's correction, >= 0. For the
-        unet the inputs are images (B, H, W, k)."""
+        """Linear RGB (..., 3): the Lambertian colour plus the head's correction (times the
+        confidence), >= 0. For the unet the inputs are images (B, H, W, k)."""
         enc = self.encode(x)
         if self.spec.kind == "unet":
             if enc.ndim != 4 or enc.shape[1] % self.spec.multiple or enc.shape[2] % self.spec.multiple:
@@ -195,7 +205,10 @@ class NeuralRenderer(nn.Module):
             delta = self.head(enc.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         else:
             delta = self.head(enc)
-        return (x.lambertian + delta.to(x.lambertian.dtype)).clamp_min(0.0)
+        delta = delta.to(x.lambertian.dtype)
+        if x.confidence is not None:
+            delta = delta * x.confidence
+        return (x.lambertian + delta).clamp_min(0.0)
 
     # -------------------------------------------------------------------- state (checkpoints)
     def to_record(self) -> dict[str, Any]:

@@ -133,7 +133,32 @@ def test_positional_encoding_and_spec_round_trip():
     with pytest.raises(ValueError, match="multiples of 2"):
         z = torch.zeros(1, 5, 6, 1)
         back(PixelInputs(z.expand(1, 5, 6, 8), z.expand(1, 5, 6, 3), z.expand(1, 5, 6, 3), z.expand(1, 5, 6, 3),
-                         z.expand(1, 5, 6, 3)))
+                         z.expand(1, 5, 6, 3), z))
+
+
+def test_confidence_follows_what_the_fitted_views_saw(scene):
+    """Vertices no fitted view sees get confidence 0 and render as the Lambertian colour
+    whatever the network learned; squarely seen ones get 1."""
+    scan, st, verts, faces = scene
+    ctx = make_context("cpu")
+    sc = Lo.merge([verts], [faces])
+    fr = NR.make_frame(ctx, sc, [scan.views[0].camera], HW)
+    conf = NR.observation_confidence(fr, torch.ones(len(fr.index)), len(verts), 2.0)
+    seen = torch.zeros(len(verts), dtype=torch.bool)
+    seen[fr.tri.reshape(-1)] = True
+    assert conf.shape == (len(verts), 1) and float(conf[~seen].abs().max()) == 0.0
+    assert float(conf[seen].max()) == 1.0 and float(conf.min()) >= 0.0
+    assert torch.equal(NR.observation_confidence(fr, torch.ones(len(fr.index)), len(verts), 0.0),
+                       torch.ones(len(verts), 1))
+    net = NeuralRenderer(len(verts), NeuralRendererSpec())
+    with torch.no_grad():
+        net.head.out.bias.fill_(0.2)
+        net.confidence.copy_(conf)
+    x = NR.pixel_inputs(net, fr, sc.verts, sc.tri, st.refined["right"]["albedo"], _sh())
+    out = NR.shade_pixels(net, fr, x)
+    full = (conf[fr.tri].squeeze(-1).min(1).values == 1.0).float()
+    assert torch.allclose(out[full > 0], x.lambertian[full > 0] + 0.2, atol=1e-5)
+    assert (out <= x.lambertian + 0.2 + 1e-5).all()
 
 
 # ------------------------------------------------------------------------------------------ stage
@@ -150,6 +175,8 @@ def test_renderer_learns_the_appearance_and_beats_shading_on_the_held_out_view(t
     rec = trained.neural
     assert rec["vertices"]["right"].shape == rec["albedo"]["right"].shape
     assert torch.isfinite(rec["vertices"]["right"]).all() and 0 < m["displacement_mm"]["right"] < 1.0
+    conf = rec["renderer"]["weights"]["confidence"]
+    assert conf.shape == (len(rec["vertices"]["right"]), 1) and 0.0 < float(conf.mean()) < 1.0
 
 
 def test_unet_renderer_trains(scene):
