@@ -9,11 +9,18 @@ All frames go through one batched ``HandModel`` forward per step.
 Schedule: translation first — the closed-form 2D-1D registration of ``networks.geometry`` (robust,
 multi-view) with the new shape, then ``iterations_transl`` Adam steps of the translations alone
 (reprojection + temporal terms) — then ``iterations`` Adam steps of pose, orientation and
-translation on every term. Terms are named and weighted (``tto.weights``) like ``hand_fit``'s:
+translation on every term. From one view the closed-form depths of noisy frames come out tens of
+millimetres off (mostly too close), so the translation steps are as large as the rotations'
+(``transl_lr_scale`` = 1) and the translation phase is long. With ``frame_weighting`` each
+frame's reprojection term is weighted by min(1, (median frame residual / its own residual)^2),
+residuals of the registered predictions: a frame with several times noisier detections than
+usual pulls its own depth and pose much less, and the temporal terms carry it between its
+neighbours. Terms are named and weighted (``tto.weights``) like ``hand_fit``'s:
 
 - ``reprojection``: robust (``tto.robust``) pixel distance, in pixels of the original images, of
   the projected joints to the detections, confidence-weighted, averaged per frame then over frames
-  (pseudo-Huber by default: on synthetic sequences it kept the 3D pose better than Geman-McClure);
+  (pseudo-Huber by default: on synthetic sequences it kept the 3D pose better than Geman-McClure),
+  times the frame weights;
 - ``pose_prior``: the hand model's anatomical prior;
 - ``pose_anchor``: robust rotation distance of every joint to the per-frame prediction — one view
   leaves each finger's depth to the predictor's learned 3D hand;
@@ -49,16 +56,17 @@ BETAS_LR_SCALE = 10.0  # Adam step of a free shape (units of the betas' std) rel
 class TTOConf:
     """Keys of the ``tto`` conf section (read with :meth:`from_tree`)."""
 
-    iterations_transl: int = 30
+    iterations_transl: int = 100
     iterations: int = 150
     lr: float = 0.02  # Adam step of the rotations (radians), decaying to a tenth
-    transl_lr_scale: float = 0.05  # Adam step of the translations (metres) relative to lr
+    transl_lr_scale: float = 1.0  # Adam step of the translations (metres) relative to lr
     reprojection_sigma: float = 6.0  # pixels of the original images: robust scale
     robust: str = "huber"  # huber (pseudo-Huber) | gmof (Geman-McClure)
     temporal_sigma: float = 0.005  # metres: the unit of the temporal terms
     anchor_sigma: float = 0.3  # radians: robust scale of the pose anchor to the per-frame prediction
+    frame_weighting: bool = True  # weight each frame's reprojection by (typical / its own residual)^2, at most 1
     weights: dict[str, float] = field(
-        default_factory=lambda: {"reprojection": 1.0, "pose_prior": 0.1, "pose_anchor": 1.0, "temporal": 0.0, "acceleration": 0.005,
+        default_factory=lambda: {"reprojection": 1.0, "pose_prior": 0.1, "pose_anchor": 0.3, "temporal": 0.0, "acceleration": 0.005,
                                  "silhouette": 0.0}
     )
 
@@ -123,6 +131,7 @@ class Context:
     shape_anchor: tuple[torch.Tensor, torch.Tensor] | None = None  # (betas (1,10), Gram (10,10)) when the shape is free
     pose_anchor: torch.Tensor | None = None  # (F,16,3,3) rotations of the initial (predicted) wrist and joints
     anchor_frame_weight: torch.Tensor | None = None  # (F,) 1 for frames seen by one view, else 0
+    frame_weight: torch.Tensor | None = None  # (F,) reprojection weight of each frame (None = all 1)
 
 
 def project(P: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
@@ -146,7 +155,8 @@ def term_reprojection(ctx: Context, p: HandParams, out: Any) -> torch.Tensor:
     rho = robust(r2, ctx.cfg.reprojection_sigma, ctx.cfg.robust)
     per_frame = (t.weight * rho).sum((1, 2)) / t.weight.sum((1, 2)).clamp(min=1e-6)
     has = (t.weight.sum((1, 2)) > 0).float()
-    return (per_frame * has).sum() / has.sum().clamp(min=1.0)
+    fw = has if ctx.frame_weight is None else has * ctx.frame_weight
+    return (per_frame * fw).sum() / has.sum().clamp(min=1.0)
 
 
 def term_pose_prior(ctx: Context, p: HandParams, out: Any) -> torch.Tensor:
@@ -325,6 +335,28 @@ class TTOResult:
     seconds: dict[str, float]
 
 
+def frame_residuals_px(model: Any, params: HandParams, targets: SequenceTargets) -> torch.Tensor:
+    """(F,) median distance (original pixels) of each frame's projected joints to its used
+    detections (NaN for a frame without any)."""
+    with torch.no_grad():
+        err = (project(targets.P, model(params).joints) - targets.uv).norm(dim=-1) / targets.scale
+    err = torch.where(targets.weight > 0, err, torch.full_like(err, float("nan")))
+    return err.flatten(1).nanmedian(1).values
+
+
+def noise_weights(residuals: torch.Tensor) -> torch.Tensor:
+    """(F,) frame weights min(1, (typical / own residual)^2), typical = the median over frames:
+    a frame whose detections are several times noisier than usual (blur, fast motion, a confused
+    detector) pulls its own depth and pose much less, and the temporal terms carry it between its
+    neighbours. Frames without detections get 1 (their reprojection term is 0 anyway)."""
+    ok = torch.isfinite(residuals)
+    if not bool(ok.any()):
+        return torch.ones_like(residuals)
+    typical = residuals[ok].median().clamp(min=1e-3)
+    w = (typical / residuals.clamp(min=1e-3)) ** 2
+    return torch.where(ok, w.clamp(max=1.0), torch.ones_like(w))
+
+
 def reprojection_median_px(model: Any, params: HandParams, targets: SequenceTargets) -> float:
     """Median distance (original pixels) of the projected joints to the used detections."""
     with torch.no_grad():
@@ -373,6 +405,8 @@ def fit_sequence(
     t0 = time.perf_counter()
     v["transl"] = register_translations(model, _params(v), targets, cfg.reprojection_sigma).to(dev)
     seconds["registration"] = time.perf_counter() - t0
+    if cfg.frame_weighting:
+        ctx.frame_weight = noise_weights(frame_residuals_px(model, _params(v), targets)).to(dev)
     if cfg.weights.get("silhouette", 0.0) > 0:
         if targets.masks is not None and targets.mask_weight is not None and float(targets.mask_weight.sum()) > 0:
             with torch.no_grad():

@@ -5,10 +5,10 @@ frames. Which frames are best is not visible in the betas themselves; it shows i
 prediction sits on its input — 2D keypoints the registered hand does not explain (noise,
 hallucinated fingers), the GCN mesh and the parameter mesh disagreeing, a hand seen edge-on or
 small in the image, a prediction that moves when the input is nudged. The head is a small MLP over
-such features (``frame_features``) and the predictor's own global keypoint feature, trained after
+such features (``_geometric_features``) and the predictor's own global keypoint feature, trained after
 the predictor, with the predictor frozen, to RANK frames by their shape error (the mean vertex
 error of the mean-pose mesh of the predicted vs the true betas), see ``scripts/train_confidence.py``
-and ``networks/data/CONFIDENCE.md``. Higher score = better shape. A small regression term ties the
+and ``networks/data/TRAINING.md``. Higher score = better shape. A small regression term ties the
 score loosely to -log(shape error in mm), so that it has a scale; ``fitting.identity`` weights
 frames by ``softmax(score / temperature)``.
 
@@ -227,7 +227,7 @@ class ConfidenceHead(nn.Module):
         path = Path(path) if path else CONFIDENCE_FILE
         if not path.is_file():
             raise FileNotFoundError(f"confidence weights not found: {path}; train them with `python scripts/train_confidence.py` "
-                                    "(see networks/data/CONFIDENCE.md)")
+                                    "(see networks/data/TRAINING.md)")
         blob = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(blob, dict) or blob.get("format") != CONFIDENCE_FORMAT:
             raise ValueError(f"{path} is not a confidence head file (format {CONFIDENCE_FORMAT})")

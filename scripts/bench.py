@@ -1,4 +1,4 @@
-"""Benchmarks: ``python scripts/bench.py render|gcn|fit [...]``.
+"""Benchmarks: ``python scripts/bench.py render|gcn|fit|identity [...]``.
 
 One subcommand per benchmark, each a ``bench_<name>(args)`` function registered in
 ``SUBCOMMANDS`` with its own argument setup, so later ones (``fit``, ``gcn``) slot in the same way.
@@ -12,6 +12,10 @@ backend, with peak memory, and checks the targets (cpu: 13 views, 320x256, 100k 
 stage recomputed) and prints each stage's wall and CPU time and peak memory, and checks the
 targets of ``FIT_TARGETS_S`` (CPU: the README's main command <= 10 min, the 13-view real capture at
 320x256 <= 30 min).
+
+``identity`` times a synthetic sequence (``--frames``, default 100, one view) through the sequence
+pipeline on ``--threads`` (2) CPU threads: prediction, calibration, TTO (target: calibration + TTO
+<= 300 s for 100 frames).
 """
 from __future__ import annotations
 
@@ -445,6 +449,57 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=bench_fit)
 
 
+# ----------------------------------------------------------------------------- identity
+
+
+def bench_identity(args: argparse.Namespace) -> int:
+    """A synthetic single-person sequence (``synthetic.sequence``) through the sequence pipeline
+    (``fitting.sequence.process_scans``: per-frame GCN prediction + confidence, calibration, TTO)
+    on ``--threads`` CPU threads; prints each phase's wall time. Target: calibration + TTO of a
+    100-frame sequence <= 300 s on 2 CPU cores."""
+    from fitting.conf import CONF_DIR, load_conf
+    from fitting.sequence import SideResult, process_scans
+    from synthetic.sequence import generate_sequence
+
+    torch.set_num_threads(args.threads)
+    if args.pin and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))[: args.threads]
+        os.sched_setaffinity(0, cores)
+    tree = load_conf(args.conf or str(CONF_DIR / "identity.conf"), ["log.progress=false", "device=cpu", *args.set]).tree
+    failed = False
+    print(f"{'frames':>6}{'views':>6}{'threads':>8}{'predict s':>11}{'calib s':>9}{'TTO s':>8}{'calib+TTO s':>13}{'total s':>9}"
+          f"{'MPJPE raw->TTO mm':>20}  target")
+    for frames in [int(f) for f in args.frames.split(",")]:
+        seq = generate_sequence(frames, args.views, seed=args.seed, sides=("right",))
+        scans = [seq.scan(f, str(f)) for f in range(frames)]
+        t0 = time.perf_counter()
+        res = process_scans(tree, scans)["right"]
+        total = time.perf_counter() - t0
+        assert isinstance(res, SideResult)
+        ts, gt = res.record["time_s"], res.record["gt"]["mpjpe_mm"]
+        ct = ts["calibration_and_tto"]
+        ok = ct <= args.target_s * frames / 100.0 if frames >= 100 else None  # the target is for 100 frames
+        failed |= ok is False
+        verdict = "" if ok is None else ("ok" if ok else "FAIL") + f" (<= {args.target_s * frames / 100.0:.0f} s)"
+        print(f"{frames:>6}{args.views:>6}{torch.get_num_threads():>8}{ts['prediction']:>11.2f}{ts['calibration'] + ts['refinement']:>9.3f}"
+              f"{ts['tto']:>8.1f}{ct:>13.1f}{total:>9.1f}{gt['raw']:>10.1f} -> {gt['tto']:<6.1f}  {verdict}", flush=True)
+    return 1 if (failed and args.strict) else 0
+
+
+def _add_identity(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("identity", help="sequence calibration + test-time optimisation time (fitting/sequence.py)")
+    p.add_argument("--frames", default="100", help="comma list of sequence lengths")
+    p.add_argument("--views", type=int, default=1, help="views per frame")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--pin", action="store_true", help="also pin the process to that many cores")
+    p.add_argument("--seed", type=int, default=499999, help="sequence seed (scripts/eval_identity.py's timing seed)")
+    p.add_argument("--conf", default=None, help="conf file (default: conf/identity.conf)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="conf override (repeatable)")
+    p.add_argument("--target-s", type=float, default=300.0, help="seconds of calibration + TTO per 100 frames")
+    p.add_argument("--strict", action="store_true", help="exit 1 when the target fails")
+    p.set_defaults(func=bench_identity)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -462,7 +517,7 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=bench_render)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_render, _add_gcn, _add_fit]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_render, _add_gcn, _add_fit, _add_identity]
 
 
 def main(argv: list[str] | None = None) -> int:

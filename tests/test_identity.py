@@ -230,11 +230,18 @@ def test_unknown_tto_term_is_an_error() -> None:
 
 # ---------------------------------------------------------------------------------------- the CLI
 def test_sequence_cli_end_to_end(tmp_path: Path) -> None:
+    """scripts/make_synthetic_sequence.py writes a folder, fit.py --scan_id A-B fits it, and the
+    calibrated shape is taken by a later run."""
+    import importlib.util
+
     import fit
 
     data = tmp_path / "data"
-    seq = generate_sequence(4, 1, seed=TEST_SEED + 4, size=(160, 120))
-    write_sequence(seq, data)
+    spec = importlib.util.spec_from_file_location("make_synthetic_sequence", C.REPO_ROOT / "scripts" / "make_synthetic_sequence.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--out", str(data), "--frames", "4", "--seed", str(TEST_SEED + 4), "--size", "160x120"]) == 0
+    assert load_sequence_truth(data)["scan_ids"] == ["0", "1", "2", "3"]
     out = tmp_path / "out"
     quick = ["tto.iterations=20", "tto.iterations_transl=5", "log.progress=false"]
     args = ["--conf", str(C.CONF_DIR / "identity.conf"), "--data_path", str(data), "--scan_id", "0-3", "--out", str(out)]
