@@ -70,7 +70,9 @@ def registry() -> dict[str, P.StageSpec]:
 
 
 def _tree(*overrides: str):
-    return load_conf(REPO / "conf" / "base.conf", ["log.progress=false", *overrides]).tree
+    """base.conf with the stand-ins' two stages (the real default also runs the GCN ``init``)."""
+    return load_conf(REPO / "conf" / "base.conf",
+                     ["log.progress=false", "pipeline.stages=[pose_fit, hand_fit]", *overrides]).tree
 
 
 def _run(out: Path, calls: Path, *overrides: str, restart: bool = False) -> State:
@@ -133,7 +135,7 @@ def test_second_run_resumes_everything(tmp_path: Path):
     assert _calls(calls) == ["pose_fit", "hand_fit"]
     _same(first, second)
     assert second.metrics["hand_fit"]["time_s"] == first.metrics["hand_fit"]["time_s"]
-    assert (out / "run.log").read_text().count("resumed") == 3
+    assert (out / "run.log").read_text().count("resumed") == 2
 
 
 def test_crash_in_stage_two_resumes_from_stage_one(tmp_path: Path, monkeypatch):
@@ -393,13 +395,13 @@ def test_fit_end_to_end_on_the_demo_capture(fmhr_demo_path: Path, tmp_path: Path
     # the real capture through the main conf, cut short: ham has its own tests
     quick = ["--set", "data.scale=0.25", "--set", "hand_fit.iterations_global=2",
              "--set", "hand_fit.iterations_full=3", "--set", "log.progress=false",
-             "--set", "pipeline.stages=[pose_fit, hand_fit, silhouette_fit]",
+             "--set", "pipeline.stages=[pose_fit, init, hand_fit, silhouette_fit]",
              "--set", "silhouette_fit.iterations=3"]
     argv = ["--conf", str(REPO / "conf" / "demo_sfs.conf"), "--data_path", str(fmhr_demo_path), *quick]
     rc, err = _fit(argv, capsys)
     assert rc == 0, err
     out = tmp_path / "runs" / "demo_sfs" / "1"  # the default out dir, under the CWD
-    for name in ("stages/00_pose_fit.pt", "stages/01_hand_fit.pt", "metrics.json", "report.html", "run.log",
+    for name in ("stages/00_pose_fit.pt", "stages/01_init.pt", "stages/02_hand_fit.pt", "metrics.json", "report.html", "run.log",
                  "keypoints3d.json", "hand_params.json", "hand_left.obj", "hand_right.ply", "hands.glb",
                  "conf.resolved.conf", "images/pose_fit/overlay_07.png", "images/silhouette_fit/overlay_07.png"):
         assert (out / name).is_file(), name
@@ -408,10 +410,11 @@ def test_fit_end_to_end_on_the_demo_capture(fmhr_demo_path: Path, tmp_path: Path
     m = json.loads((out / "metrics.json").read_text())["stages"]
     assert m["pose_fit"]["time_s"] > 0 and m["hand_fit"]["peak_mem_mb"] > 0
     assert m["pose_fit"]["reprojection_median_px"] < 30  # original 1280x1024 pixels
-    first = (out / "stages" / "01_hand_fit.pt").stat().st_mtime_ns
+    assert m["hand_fit"]["start"] == "initializer"  # the GCN's prediction starts the hand fit by default
+    first = (out / "stages" / "02_hand_fit.pt").stat().st_mtime_ns
     rc, err = _fit(argv, capsys)
-    assert rc == 0 and (out / "stages" / "01_hand_fit.pt").stat().st_mtime_ns == first
-    assert (out / "run.log").read_text().count("resumed") == 3
+    assert rc == 0 and (out / "stages" / "02_hand_fit.pt").stat().st_mtime_ns == first
+    assert (out / "run.log").read_text().count("resumed") == 4
     # the MANO model is licensed and absent here: one clear line, exit 2
     monkeypatch.setenv("MANO_DIR", str(tmp_path / "no_mano"))
     rc, err = _fit([*argv, "--set", "hand_model.name=mano", "--out", str(tmp_path / "mano")], capsys)
