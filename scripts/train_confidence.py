@@ -1,15 +1,18 @@
 """Train the confidence head of the GCN predictor (networks/confidence.py), predictor frozen.
 
-    python scripts/train_confidence.py [--train-sequences 400] [--val-sequences 100] [--steps 3000]
-                                       [--out networks/data/confidence.pt] [--cache runs/confidence_train]
+    python scripts/train_confidence.py [--train-sequences 3000] [--train-frames 5] [--val-sequences 100]
+                                       [--steps 1500] [--out networks/data/confidence.pt] [--cache runs/confidence_train]
 
-Data: synthetic sequences (``synthetic.sequence.generate_sequence``: one view, 30 frames, the
-default detection model with per-frame noise, hallucinated occlusions and outliers; a third of
-them also drop joints), one random side each. Training sequences use seeds 100000+i, validation
-200000+i (tests use 300000+i, ``scripts/eval_identity.py`` 400000+i: never overlapping). Every
-frame goes through the frozen predictor (``predict_2d`` in its view); its features and its shape
-error (mean vertex error of the mean-pose mesh, predicted vs true betas, mm) are cached under
-``--cache`` so re-training is quick.
+The committed weights: ``python scripts/train_confidence.py --cache runs/confidence_train/v3``
+(networks/data/TRAINING.md). Data: synthetic single-view sequences
+(``synthetic.sequence.generate_sequence``, the default detection model with per-frame noise,
+hallucinated occlusions and outliers; a third of them also drop joints), one random side each:
+many short training sequences (``--train-frames`` frames, keyframes every ``--train-key-every``:
+many identities and poses), 30-frame validation sequences. Training sequences use seeds 100000+i,
+validation 200000+i (tests use 300000+i, ``scripts/eval_identity.py`` 400000+i: never
+overlapping). Every frame goes through the frozen predictor (``predict_2d`` in its view); its
+features and its shape error (mean vertex error of the mean-pose mesh, predicted vs true betas,
+mm) are cached under ``--cache`` so re-training is quick.
 
 Loss: pairwise logistic ranking over all pairs of a batch (pair weight |log e_i - log e_j|: pairs
 whose errors barely differ teach little), plus ``--reg`` x squared error of the score against
