@@ -218,15 +218,23 @@ def summary_section(metrics: Mapping[str, Any]) -> ReportSection:
     rows: dict[str, str] = {}
     f = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     for name, v in ham.get("views", {}).items():
-        line = (f"IoU {f(sil.get(name, {}).get('iou'), '.3f')} -> {f(v.get('iou'), '.3f')}, "
-                f"PSNR {f(v.get('psnr'), '.2f')} dB, SSIM {f(v.get('ssim'), '.3f')}, {v.get('status', '')}")
+        line = (f"IoU {f(sil.get(name, {}).get('iou'), '.3f')} -> {f(v.get('iou'), '.3f')} "
+                f"(against the raw mask {f(v.get('iou_raw'), '.3f')}), "
+                f"PSNR {f(v.get('psnr'), '.2f')} dB (with the rim {f(v.get('psnr_with_rim'), '.2f')}), "
+                f"SSIM {f(v.get('ssim'), '.3f')}, {v.get('status', '')}")
         if v.get("region") == "render":
             line += " (colour measured on the render's coverage: the mask is unusable)"
         if v.get("note"):
             line += f"; {v['note']}"
         rows[name] = line
+    for name, v in ham.get("holdout", {}).get("views", {}).items():
+        rows[f"{name} (held out)"] = (f"never fitted, mean lighting: IoU {f(v.get('iou'), '.3f')} (raw "
+                                      f"{f(v.get('iou_raw'), '.3f')}), PSNR {f(v.get('psnr'), '.2f')} dB, "
+                                      f"SSIM {f(v.get('ssim'), '.3f')}, {v.get('status', '')}")
     text = (f"mean over the views with a usable mask: IoU {f(ham.get('iou_mean'), '.3f')}, "
-            f"PSNR {f(ham.get('psnr_mean'), '.2f')} dB, SSIM {f(ham.get('ssim_mean'), '.3f')}")
+            f"PSNR {f(ham.get('psnr_mean'), '.2f')} dB, SSIM {f(ham.get('ssim_mean'), '.3f')} (PSNR/SSIM over the "
+            "hand's interior: usable mask pixels the render covers, less their one-pixel rim); dropped views "
+            f"{ham.get('dropped_views', [])}, partial {ham.get('partial_views', [])}")
     return ReportSection("per view after ham", metrics=rows, text=text)
 
 
