@@ -262,12 +262,17 @@ def run(scan: Any, state: Any, conf: Mapping[str, Any] | None) -> Any:
     path = resolve_path(cfg.betas_file)
     shapes = load_identity(path)
     device = torch.device("cpu")
+    min_valid = HF.HandFitConf.from_conf(conf).min_valid_joints
     per_side: dict[str, Any] = {}
     for side in SIDES:
         if side not in scan.sides:
             continue
         if side not in shapes:
             per_side[side] = {"skipped": f"{path.name} holds no {side} hand"}
+            continue
+        n_valid = int(np.asarray(state.keypoints3d_valid.get(side, [])).sum()) if side in state.keypoints3d else 0
+        if n_valid < min_valid:  # hand_fit leaves such a side out; no start is put in for it either
+            per_side[side] = {"skipped": f"{n_valid} valid 3D keypoints (hand_fit needs {min_valid}; one view gives none)"}
             continue
         model = HF._load_model(HF._model_name(conf), side, device)
         betas = torch.as_tensor(shapes[side], dtype=torch.float32)[None]

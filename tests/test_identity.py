@@ -284,3 +284,18 @@ def test_identity_stage_fixes_a_single_frame_fit(tmp_path: Path, right: handmode
     np.testing.assert_allclose(state.params["right"].betas[0].numpy(), betas, atol=1e-6)
     assert state.metrics["identity"]["sides"]["right"]["pose_from"] == "init"
     assert state.metrics["hand_fit"]["sides"]["right"]["mpjpe_mm"] < 15.0
+
+
+def test_identity_stage_skips_a_side_without_3d_keypoints(tmp_path: Path) -> None:
+    """One view gives pose_fit no 3D keypoints: the stage says so and puts no start in (no NaN)."""
+    from fitting.pipeline import run_pipeline
+    from synthetic import generate
+
+    synth = generate(views=1, size=(160, 120), seed=TEST_SEED + 6, sides=("right",), swap_rate=0.0, hand_miss_rate=0.0)
+    cal = Calibration(betas=np.zeros(10, np.float32), plain_mean=np.zeros(10), weights=np.ones(1), prior_weights=np.ones(1),
+                      distances_mm=np.zeros(1))
+    path, _ = save_identity(tmp_path / "identity", {"right": cal})
+    conf = C.load_conf(C.CONF_DIR / "identity.conf", [f"identity.betas_file={path}", "log.progress=false"])
+    state = run_pipeline(synth.scan, conf.tree, tmp_path / "run")
+    assert "skipped" in state.metrics["identity"]["sides"]["right"]
+    assert "right" not in state.params
