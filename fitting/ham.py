@@ -38,6 +38,7 @@ import torch
 from capture.camera import Camera
 from capture.scan import Scan, View
 from fitting import losses as Lo
+from fitting.conf import section_dataclass
 from fitting.geometry import projection_matrices
 from fitting.hand_fit import _load_model, _model_name, _progress
 from fitting.masks import MaskBuilder, MaskConf, ViewMasks, iou_report, pad_stack
@@ -81,19 +82,7 @@ class HamConf:
 
     @staticmethod
     def from_conf(conf: Mapping[str, Any] | None) -> "HamConf":
-        section: Mapping[str, Any] = conf["ham"] if conf is not None and "ham" in conf else {}
-        out = HamConf()
-        for key in out.__dataclass_fields__:
-            if key not in section:
-                continue
-            if key == "weights":
-                w = {str(k): float(v) for k, v in section["weights"].items()}
-                unknown = sorted(set(w) - set(TERMS))
-                if unknown:
-                    raise KeyError(f"ham.weights names unknown terms {unknown}; known: {list(TERMS)}")
-                out.weights = {**out.weights, **w}
-            else:
-                setattr(out, key, type(getattr(out, key))(section[key]))
+        out: HamConf = section_dataclass(HamConf, conf, "ham", TERMS)
         if out.displacement not in ("normal", "free"):
             raise ValueError(f"ham.displacement must be normal or free, got {out.displacement!r}")
         if out.coarse_displacement not in ("none", "normal", "free"):

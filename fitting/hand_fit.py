@@ -28,6 +28,7 @@ import torch
 
 import handmodel
 from capture.scan import Scan
+from fitting.conf import section_dataclass
 from fitting.geometry import matrix_to_axis_angle, projection_matrices, similarity_transform
 from fitting.pipeline import progress
 from fitting.pose_fit import image_scale
@@ -73,30 +74,13 @@ class HandFitConf:
 
     @staticmethod
     def from_conf(conf: Mapping[str, Any] | None) -> "HandFitConf":
-        section: Mapping[str, Any] = {}
-        if conf is not None and "hand_fit" in conf:
-            section = conf["hand_fit"]
-        out = HandFitConf()
-        for key in out.__dataclass_fields__:
-            if key not in section:
-                continue
-            if key == "weights":
-                w = {str(k): float(v) for k, v in section["weights"].items()}
-                unknown = sorted(set(w) - set(TERMS))
-                if unknown:
-                    raise KeyError(f"hand_fit.weights names unknown loss terms {unknown}; known: {sorted(TERMS)}")
-                out.weights = {**out.weights, **w}
-            elif key == "joint_weights":
-                jw = [float(x) for x in section[key]]
-                if len(jw) != 21 or min(jw) < 0:
-                    raise ValueError(f"hand_fit.joint_weights must be 21 non-negative numbers, got {jw}")
-                out.joint_weights = jw
-            elif key in ("optimizer", "warm_optimizer"):
-                if str(section[key]) not in OPTIMIZERS:
-                    raise ValueError(f"hand_fit.{key} must be one of {OPTIMIZERS}, got {section[key]!r}")
-                setattr(out, key, str(section[key]))
-            else:
-                setattr(out, key, type(getattr(out, key))(section[key]))
+        out: HandFitConf = section_dataclass(HandFitConf, conf, "hand_fit", sorted(TERMS))
+        out.joint_weights = [float(x) for x in out.joint_weights]
+        if len(out.joint_weights) != 21 or min(out.joint_weights) < 0:
+            raise ValueError(f"hand_fit.joint_weights must be 21 non-negative numbers, got {out.joint_weights}")
+        for key in ("optimizer", "warm_optimizer"):
+            if getattr(out, key) not in OPTIMIZERS:
+                raise ValueError(f"hand_fit.{key} must be one of {OPTIMIZERS}, got {getattr(out, key)!r}")
         return out
 
 

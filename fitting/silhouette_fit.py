@@ -31,6 +31,7 @@ import torch
 
 from capture.scan import Scan
 from fitting import losses as Lo
+from fitting.conf import section_dataclass
 from fitting.hand_fit import TERMS as KEYPOINT_TERMS
 from fitting.hand_fit import FitContext, HandFitConf, _load_model, _model_name, _progress, side_targets
 from fitting.geometry import projection_matrices
@@ -83,26 +84,12 @@ class SilhouetteFitConf:
 
     @staticmethod
     def from_conf(conf: Mapping[str, Any] | None) -> "SilhouetteFitConf":
-        section: Mapping[str, Any] = conf["silhouette_fit"] if conf is not None and "silhouette_fit" in conf else {}
-        out = SilhouetteFitConf()
-        for key in out.__dataclass_fields__:
-            if key not in section:
-                continue
-            if key == "weights":
-                w = {str(k): float(v) for k, v in section["weights"].items()}
-                known = set(KEYPOINT_TERMS) | set(IMAGE_TERMS)
-                unknown = sorted(set(w) - known)
-                if unknown:
-                    raise KeyError(f"silhouette_fit.weights names unknown terms {unknown}; known: {sorted(known)}")
-                out.weights = {**out.weights, **w}
-            elif key == "optimize":
-                names = [str(x) for x in section["optimize"]]
-                bad = sorted(set(names) - set(PARAM_NAMES))
-                if bad:
-                    raise KeyError(f"silhouette_fit.optimize names unknown parameters {bad}; known: {list(PARAM_NAMES)}")
-                out.optimize = names
-            else:
-                setattr(out, key, type(getattr(out, key))(section[key]))
+        known = sorted(set(KEYPOINT_TERMS) | set(IMAGE_TERMS))
+        out: SilhouetteFitConf = section_dataclass(SilhouetteFitConf, conf, "silhouette_fit", known)
+        out.optimize = [str(x) for x in out.optimize]
+        bad = sorted(set(out.optimize) - set(PARAM_NAMES))
+        if bad:
+            raise KeyError(f"silhouette_fit.optimize names unknown parameters {bad}; known: {list(PARAM_NAMES)}")
         return out
 
 

@@ -100,7 +100,7 @@ def test_registered_term_enters_the_loss(fitted):
         out = hand_fit.run(synth.scan, base, conf)
         assert "test_pull" in out.metrics["hand_fit"]["losses"]
         assert np.sqrt(seen[-1]) < 0.01 < 0.025 < np.sqrt(seen[0])  # the wrist followed the pull
-        with pytest.raises(KeyError, match="unknown loss terms"):
+        with pytest.raises(KeyError, match="unknown terms"):
             hand_fit.run(synth.scan, base, {"hand_fit": {"weights": {"silhuette": 1.0}}})
     finally:
         del hand_fit.TERMS["test_pull"]
