@@ -8,8 +8,9 @@ direction (camera centre -> surface point), their cosine (which side of the surf
 sees), and sin/cos positional encodings of these. No noise channels: every input is a quantity of the scene, so a novel camera
 gets meaningful inputs.
 
-Why a residual on the Lambertian colour: the renderer outputs ``max(lambertian + head(x), 0)``
-(linear RGB) with the head's last layer zero-initialised, so an untrained renderer is exactly the
+Why a residual on the Lambertian colour: the renderer outputs ``max(L exp(g) + d, 0)`` (linear
+RGB) for the Lambertian colour L and the head's log-gain g and offset d, the head's last layer
+zero-initialised, so an untrained renderer is exactly the
 HAM shading and training only has to learn what the SH-Lambertian model misses (albedo detail the
 smoothness prior removed, shading and lighting errors, view-dependent effects). It converges in
 hundreds of steps on a CPU, and a held-out view starts from the physically based image rather
@@ -107,7 +108,7 @@ def positional_encoding(x: torch.Tensor, frequencies: int) -> torch.Tensor:
 
 
 class PixelMLP(nn.Module):
-    """Per-pixel MLP (..., C_in) -> (..., 3); last layer zero-initialised (see module doc)."""
+    """Per-pixel MLP (..., C_in) -> (..., 6) (log-gain, offset); last layer zero-initialised."""
 
     def __init__(self, in_channels: int, hidden: int, layers: int) -> None:
         super().__init__()
@@ -117,7 +118,7 @@ class PixelMLP(nn.Module):
             mods += [nn.Linear(c, hidden), nn.ReLU(inplace=True)]
             c = hidden
         self.body = nn.Sequential(*mods)
-        self.out = nn.Linear(c, 3)
+        self.out = nn.Linear(c, 6)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -131,7 +132,7 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 
 
 class FeatureUNet(nn.Module):
-    """Small UNet (B, C_in, H, W) -> (B, 3, H, W): ``depth`` levels of average-pool down-sampling,
+    """Small UNet (B, C_in, H, W) -> (B, 6, H, W) (log-gain, offset): ``depth`` levels of average-pool down-sampling,
     nearest up-sampling with skip connections; 1x1 output convolution zero-initialised."""
 
     def __init__(self, in_channels: int, channels: int, depth: int) -> None:
@@ -149,7 +150,7 @@ class FeatureUNet(nn.Module):
             skip = widths[depth - 1 - d]
             self.up.append(_block(c + skip, skip))
             c = skip
-        self.out = nn.Conv2d(c, 3, 1)
+        self.out = nn.Conv2d(c, 6, 1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
         self.depth = depth
@@ -195,8 +196,9 @@ class NeuralRenderer(nn.Module):
                           positional_encoding(x.facing, f)], -1)
 
     def forward(self, x: PixelInputs) -> torch.Tensor:
-        """Linear RGB (..., 3): the Lambertian colour plus the head's correction (times the
-        confidence), >= 0. For the unet the inputs are images (B, H, W, k)."""
+        """Linear RGB (..., 3): the Lambertian colour L plus the head's correction
+        L (exp(g) - 1) + d (log-gain g and offset d: a shadow or a back face is a gain, a highlight
+        an offset) times the confidence, >= 0. For the unet the inputs are images (B, H, W, k)."""
         enc = self.encode(x)
         if self.spec.kind == "unet":
             if enc.ndim != 4 or enc.shape[1] % self.spec.multiple or enc.shape[2] % self.spec.multiple:
@@ -206,9 +208,10 @@ class NeuralRenderer(nn.Module):
         else:
             delta = self.head(enc)
         delta = delta.to(x.lambertian.dtype)
+        corr = x.lambertian * torch.expm1(delta[..., :3].clamp(-10.0, 5.0)) + delta[..., 3:]
         if x.confidence is not None:
-            delta = delta * x.confidence
-        return (x.lambertian + delta).clamp_min(0.0)
+            corr = corr * x.confidence
+        return (x.lambertian + corr).clamp_min(0.0)
 
     # -------------------------------------------------------------------- state (checkpoints)
     def to_record(self) -> dict[str, Any]:

@@ -152,7 +152,7 @@ def test_confidence_follows_what_the_fitted_views_saw(scene):
                        torch.ones(len(verts), 1))
     net = NeuralRenderer(len(verts), NeuralRendererSpec())
     with torch.no_grad():
-        net.head.out.bias.fill_(0.2)
+        net.head.out.bias[3:].fill_(0.2)
         net.confidence.copy_(conf)
     x = NR.pixel_inputs(net, fr, sc.verts, sc.tri, st.refined["right"]["albedo"], _sh())
     out = NR.shade_pixels(net, fr, x)

@@ -128,7 +128,7 @@ def test_neural_renderer_is_the_default_when_the_run_has_one(run_dir, tmp_path):
     shutil.copytree(root, run)
     net = NeuralRenderer(len(verts), NeuralRendererSpec())
     with torch.no_grad():
-        net.head.out.bias.fill_(0.1)  # + 0.1 linear on every covered pixel
+        net.head.out.bias[3:].fill_(0.1)  # offset + 0.1 linear on every covered pixel
     sh = torch.zeros(9, 3)
     sh[0] = 2.0 * np.sqrt(np.pi) / 2
     save_neural(run / "neural.pt", {"renderer": net.to_record(), "sides": ["right"], "vertices": {"right": verts},
