@@ -38,6 +38,7 @@ import torch
 from capture.camera import Camera
 from capture.scan import Scan
 from fitting import losses as Lo
+from fitting.conf import section_dataclass
 from fitting.ham import (HamConf, Problem, Unknowns, _adam, _regularisers, crop_views, photo_metrics, plain_mesh,
                          render_views)
 from fitting.masks import MaskBuilder, MaskConf, pad_stack
@@ -82,19 +83,7 @@ class NeuralConf:
 
     @staticmethod
     def from_conf(conf: Mapping[str, Any] | None) -> "NeuralConf":
-        section: Mapping[str, Any] = conf["neural"] if conf is not None and "neural" in conf else {}
-        out = NeuralConf()
-        for key in out.__dataclass_fields__:
-            if key not in section:
-                continue
-            if key == "weights":
-                w = {str(k): float(v) for k, v in section["weights"].items()}
-                unknown = sorted(set(w) - set(TERMS))
-                if unknown:
-                    raise KeyError(f"neural.weights names unknown terms {unknown}; known: {list(TERMS)}")
-                out.weights = {**out.weights, **w}
-            else:
-                setattr(out, key, type(getattr(out, key))(section[key]))
+        out: NeuralConf = section_dataclass(NeuralConf, conf, "neural", TERMS)
         out.spec()  # validates the architecture keys
         if not 0 <= out.subdivide <= 2:
             raise ValueError(f"neural.subdivide must be 0..2, got {out.subdivide}")
