@@ -481,15 +481,13 @@ def optimize_geometry(prob: Problem, unk: Unknowns, cfg: HamConf) -> dict[str, f
         for t in g["params"]:
             t.requires_grad_(True)
     opt, sched = _adam(groups, iterations)
-    contours = Lo.mask_contours(prob.vm.target[views], prob.vm.valid[views], cfg.contour_margin_px, cfg.contour_points,
-                                prob.vm.inside[views])
+    contours = prob.vm.contours(views, cfg.contour_margin_px, cfg.contour_points)
     terms: dict[str, torch.Tensor] = {}
     bar = _progress(range(iterations), "ham geometry")
     for it in bar:
         if it > 0 and cfg.mask_update_every > 0 and it % cfg.mask_update_every == 0:
             prob.update_masks(unk)
-            contours = Lo.mask_contours(prob.vm.target[views], prob.vm.valid[views], cfg.contour_margin_px,
-                                        cfg.contour_points, prob.vm.inside[views])
+            contours = prob.vm.contours(views, cfg.contour_margin_px, cfg.contour_points)
         opt.zero_grad(set_to_none=True)
         verts = [unk.vertices(h) for h in prob.hands]
         scene = prob.scene(verts)

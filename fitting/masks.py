@@ -118,6 +118,13 @@ class ViewMasks:
     def summary(self) -> dict[str, Any]:
         return {n: {"status": s, "note": t} for n, s, t in zip(self.names, self.status, self.notes)}
 
+    def contours(self, views: Any, margin: int, max_points: int) -> Any:
+        """The contour targets (``losses.mask_contours``) of ``views`` (an index into V); recomputed
+        whenever the forearm maps move."""
+        from fitting.losses import mask_contours
+
+        return mask_contours(self.target[views], self.valid[views], margin, max_points, self.inside[views])
+
 
 # ------------------------------------------------------------------------------------------ canvas
 def pad_cameras(cameras: Sequence[Camera]) -> tuple[list[Camera], tuple[int, int]]:

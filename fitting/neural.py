@@ -445,16 +445,14 @@ def train_geometry(prob: Problem, unk: Unknowns, net: NeuralRenderer, cfg: Neura
                         {"params": list(net.head.parameters()), "lr": cfg.lr_network},
                         {"params": list(unk.fine.values()), "lr": cfg.lr_displacement},
                         {"params": list(unk.albedo.values()), "lr": cfg.lr_albedo}], cfg.iterations_geometry)
-    contours = Lo.mask_contours(prob.vm.target[views], prob.vm.valid[views], hcfg.contour_margin_px,
-                                hcfg.contour_points, prob.vm.inside[views])
+    contours = prob.vm.contours(views, hcfg.contour_margin_px, hcfg.contour_points)
     terms: dict[str, torch.Tensor] = {}
     net.train()
     bar = progress(range(cfg.iterations_geometry), "neural geometry")
     for it in bar:
         if it > 0 and hcfg.mask_update_every > 0 and it % hcfg.mask_update_every == 0:
             prob.update_masks(unk)
-            contours = Lo.mask_contours(prob.vm.target[views], prob.vm.valid[views], hcfg.contour_margin_px,
-                                        hcfg.contour_points, prob.vm.inside[views])
+            contours = prob.vm.contours(views, hcfg.contour_margin_px, hcfg.contour_points)
         opt.zero_grad(set_to_none=True)
         verts = [unk.vertices(h) for h in prob.hands]
         scene = prob.scene(verts)

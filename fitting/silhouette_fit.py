@@ -217,8 +217,7 @@ def _optimise(
     with torch.no_grad():
         base = Lo.merge(*zip(*meshes({s: models[s].forward(params[s]) for s in sides})))
     topo = antialias_construct_topology_hash(base.tri)
-    contours = Lo.mask_contours(vm.target[kept], vm.valid[kept], cfg.contour_margin_px, cfg.contour_points,
-                                vm.inside[kept])
+    contours = vm.contours(kept, cfg.contour_margin_px, cfg.contour_points)
     groups = []
     scales = {"transl": cfg.transl_lr_scale, "betas": cfg.betas_lr_scale}
     for p in params.values():
@@ -243,8 +242,7 @@ def _optimise(
                 # halfway, with hands and cameras close: judge the parts of hands masks miss
                 vm = builder.build(meshes({s: models[s].forward(params[s]) for s in sides}), sides, decide=halfway,
                                    previous=vm)
-            contours = Lo.mask_contours(vm.target[kept], vm.valid[kept], cfg.contour_margin_px, cfg.contour_points,
-                                vm.inside[kept])
+            contours = vm.contours(kept, cfg.contour_margin_px, cfg.contour_points)
         opt.zero_grad(set_to_none=True)
         off = offsets if cfg.refine_cameras else None
         # the keypoint terms see the corrected cameras too (view order of the scan = canvas order)

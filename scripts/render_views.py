@@ -90,10 +90,7 @@ def render_run(run: Path, cameras: dict[str, Camera], device: str = "cpu",
     albedo = [torch.as_tensor(refined[s]["albedo"], dtype=torch.float32, device=ctx.device) for s in sides]
     offsets_px = offsets_px or {}
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    groups: dict[tuple[int, int], list[str]] = {}
-    for name, cam in cameras.items():
-        groups.setdefault((cam.height, cam.width), []).append(name)
-    for hw, group in groups.items():
+    for hw, group in by_size(cameras).items():
         cams = [cameras[n] for n in group]
         sh = torch.stack([sh_views[names.index(n)] if (sh_views is not None and n in names) else sh_mean for n in group])
         off = None
@@ -104,6 +101,14 @@ def render_run(run: Path, cameras: dict[str, Camera], device: str = "cpu",
         for i, n in enumerate(group):
             out[n] = (rv.shaded[i] * rv.coverage[i][..., None], rv.coverage[i])
     return out
+
+
+def by_size(cameras: dict[str, Camera]) -> dict[tuple[int, int], list[str]]:
+    """Camera names grouped by image size (H, W): one batched render per group."""
+    groups: dict[tuple[int, int], list[str]] = {}
+    for name, cam in cameras.items():
+        groups.setdefault((cam.height, cam.width), []).append(name)
+    return groups
 
 
 def render_run_neural(run: Path, cameras: dict[str, Camera], device: str = "cpu",
@@ -117,10 +122,7 @@ def render_run_neural(run: Path, cameras: dict[str, Camera], device: str = "cpu"
     net, verts, faces, albedo, sh = load_record(load_neural(run / "neural.pt"), ctx.device)
     offsets_px = offsets_px or {}
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    groups: dict[tuple[int, int], list[str]] = {}
-    for name, cam in cameras.items():
-        groups.setdefault((cam.height, cam.width), []).append(name)
-    for hw, group in groups.items():
+    for hw, group in by_size(cameras).items():
         off = torch.tensor([list(offsets_px.get(n, (0.0, 0.0))) for n in group], dtype=torch.float32, device=ctx.device)
         img, cov = render_neural(net, ctx, verts, faces, albedo, sh, [cameras[n] for n in group], hw, off)
         for i, n in enumerate(group):
