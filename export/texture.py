@@ -220,7 +220,7 @@ def summary_section(metrics: Mapping[str, Any]) -> ReportSection:
     for name, v in ham.get("views", {}).items():
         line = (f"IoU {f(sil.get(name, {}).get('iou'), '.3f')} -> {f(v.get('iou'), '.3f')} "
                 f"(against the raw mask {f(v.get('iou_raw'), '.3f')}), "
-                f"PSNR {f(v.get('psnr'), '.2f')} dB (with the rim {f(v.get('psnr_with_rim'), '.2f')}), "
+                f"PSNR {f(v.get('psnr'), '.2f')} dB (interior {f(v.get('psnr_interior'), '.2f')}), "
                 f"SSIM {f(v.get('ssim'), '.3f')}, {v.get('status', '')}")
         if v.get("region") == "render":
             line += " (colour measured on the render's coverage: the mask is unusable)"
@@ -233,7 +233,7 @@ def summary_section(metrics: Mapping[str, Any]) -> ReportSection:
                                       f"SSIM {f(v.get('ssim'), '.3f')}, {v.get('status', '')}")
     text = (f"mean over the views with a usable mask: IoU {f(ham.get('iou_mean'), '.3f')}, "
             f"PSNR {f(ham.get('psnr_mean'), '.2f')} dB, SSIM {f(ham.get('ssim_mean'), '.3f')} (PSNR/SSIM over the "
-            "hand's interior: usable mask pixels the render covers, less their one-pixel rim); dropped views "
+            "usable mask pixels the render covers; interior: less their one-pixel rim); dropped views "
             f"{ham.get('dropped_views', [])}, partial {ham.get('partial_views', [])}")
     return ReportSection("per view after ham", metrics=rows, text=text)
 

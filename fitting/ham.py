@@ -606,12 +606,12 @@ def photo_metrics(render_srgb: np.ndarray, photo: np.ndarray, region: np.ndarray
 def evaluate(prob: Problem, unk: Unknowns) -> dict[str, Any]:
     """Per view: IoU (``iou_report``), PSNR/SSIM of the shaded render; means over kept views.
 
-    ``psnr`` / ``ssim`` are over the hand's interior: pixels inside the usable mask and covered by
-    the render, less that region's one-pixel rim (the photometric loss's region: a rim pixel of
-    the photo mixes the hand with an unknown background, the render's with black, so it measures
-    the silhouette, not the colour); ``psnr_with_rim`` keeps the rim; ``psnr_full_mask`` is over
-    every usable mask pixel (uncovered ones count as black: colour and silhouette together). Views
-    whose mask was dropped are measured over the render's own coverage (eroded likewise) and
+    ``psnr`` / ``ssim`` are over the usable mask pixels the render covers (the neural stage measures
+    the same pixels); ``psnr_interior`` leaves out that region's one-pixel rim (the photometric
+    loss's region: a rim pixel of the photo mixes the hand with an unknown background, the
+    render's with black, so it measures the silhouette more than the colour); ``psnr_full_mask``
+    is over every usable mask pixel (uncovered ones count as black: colour and silhouette
+    together). Views whose mask was dropped are measured over the render's own coverage and
     flagged ``region: render``; ``mask_judgement`` says which views were dropped or partial, and why."""
     verts = [unk.vertices(h).detach() for h in prob.hands]
     sh = unk.sh.detach() if unk.sh.ndim == 3 else unk.sh.detach().unsqueeze(0).expand(prob.V, -1, -1)
@@ -628,20 +628,17 @@ def evaluate(prob: Problem, unk: Unknowns) -> dict[str, Any]:
     for i, name in enumerate(prob.names):
         rec = dict(ious["views"][name])
         if i in prob.kept and not prob.maskless:
-            m = photo_metrics(rv.shaded[i], photo[i], _erode_np(usable[i] & covered[i]))
-            full = photo_metrics(rv.shaded[i], photo[i], usable[i])
+            m = photo_metrics(rv.shaded[i], photo[i], usable[i] & covered[i])
             rec.update(m)
-            rec["psnr_with_rim"] = photo_metrics(rv.shaded[i], photo[i], usable[i] & covered[i])["psnr"]
-            rec["psnr_full_mask"] = full["psnr"]
+            rec["psnr_interior"] = photo_metrics(rv.shaded[i], photo[i], _erode_np(usable[i] & covered[i]))["psnr"]
+            rec["psnr_full_mask"] = photo_metrics(rv.shaded[i], photo[i], usable[i])["psnr"]
             rec["region"] = "mask"
             if m["psnr"] is not None:
                 psnrs.append(m["psnr"])
             if m["ssim"] is not None:
                 ssims.append(m["ssim"])
         else:
-            region = covered[i] & inside[i]
-            region = _erode_np(region)
-            rec.update(photo_metrics(rv.shaded[i], photo[i], region))
+            rec.update(photo_metrics(rv.shaded[i], photo[i], covered[i] & inside[i]))
             rec["region"] = "render"
             if prob.maskless and rec["psnr"] is not None:
                 psnrs.append(rec["psnr"])
@@ -649,7 +646,7 @@ def evaluate(prob: Problem, unk: Unknowns) -> dict[str, Any]:
                     ssims.append(rec["ssim"])
         views[name] = rec
     kept_full = [views[prob.names[i]]["psnr_full_mask"] for i in prob.kept if views[prob.names[i]].get("psnr_full_mask")]
-    kept_rim = [views[prob.names[i]]["psnr_with_rim"] for i in prob.kept if views[prob.names[i]].get("psnr_with_rim")]
+    kept_interior = [views[prob.names[i]]["psnr_interior"] for i in prob.kept if views[prob.names[i]].get("psnr_interior")]
     raw = [views[n]["iou_raw"] for n in prob.names]
     return {
         "views": views,
@@ -657,7 +654,7 @@ def evaluate(prob: Problem, unk: Unknowns) -> dict[str, Any]:
         "iou_min": ious["iou_min"],
         "iou_raw_mean": float(np.mean(raw)) if raw else None,
         "psnr_mean": float(np.mean(psnrs)) if psnrs else None,
-        "psnr_with_rim_mean": float(np.mean(kept_rim)) if kept_rim else None,
+        "psnr_interior_mean": float(np.mean(kept_interior)) if kept_interior else None,
         "psnr_full_mask_mean": float(np.mean(kept_full)) if kept_full else None,
         "ssim_mean": float(np.mean(ssims)) if ssims else None,
         "dropped_views": ious["dropped_views"],
@@ -671,9 +668,8 @@ def evaluate_holdout(prob: Problem, unk: Unknowns, views: Sequence[Any], mcfg: M
     """Novel-view check on views kept out of every fit (``scan.holdout``): the refined hands
     rendered with the mean SH of the fitted views (as ``scripts/render_views.py`` renders a camera
     it never saw) and no camera correction; per view IoU (``iou_report``: raw, without forearm,
-    usable), PSNR / SSIM over the interior of the usable mask pixels the render covers, as in
-    ``evaluate`` (``psnr_with_rim`` with its rim, ``psnr_full_mask`` over
-    all usable mask pixels; ``psnr_exposure_matched`` after the best per-channel gain, i.e. with
+    usable), PSNR / SSIM over the usable mask pixels the render covers, as in ``evaluate``
+    (``psnr_interior`` without their rim, ``psnr_full_mask`` over all usable mask pixels; ``psnr_exposure_matched`` after the best per-channel gain, i.e. with
     the unseen camera's exposure and white balance taken out), and their means. A view without a
     mask is measured on the render's own coverage (``region: render``, no IoU)."""
     held = Scan(list(views), prob.scan.sides, prob.scan.scan_id, prob.scan.source)
@@ -700,15 +696,15 @@ def evaluate_holdout(prob: Problem, unk: Unknowns, views: Sequence[Any], mcfg: M
             continue
         if v.mask is not None:
             rec: dict[str, Any] = dict(ious["views"][v.name])
-            interior = _erode_np(usable[i] & covered[i])
-            rec.update(photo_metrics(rv.shaded[i], photo[i], interior))
-            rec["psnr_exposure_matched"] = photo_metrics(exposure_matched(rv.shaded[i], photo[i], interior), photo[i],
-                                                         interior)["psnr"]
-            rec["psnr_with_rim"] = photo_metrics(rv.shaded[i], photo[i], usable[i] & covered[i])["psnr"]
+            region = usable[i] & covered[i]
+            rec.update(photo_metrics(rv.shaded[i], photo[i], region))
+            rec["psnr_exposure_matched"] = photo_metrics(exposure_matched(rv.shaded[i], photo[i], region), photo[i],
+                                                         region)["psnr"]
+            rec["psnr_interior"] = photo_metrics(rv.shaded[i], photo[i], _erode_np(region))["psnr"]
             rec["psnr_full_mask"] = photo_metrics(rv.shaded[i], photo[i], usable[i])["psnr"]
             rec["region"] = "mask"
         else:
-            rec = photo_metrics(rv.shaded[i], photo[i], _erode_np(covered[i] & inside[i]))
+            rec = photo_metrics(rv.shaded[i], photo[i], covered[i] & inside[i])
             rec["region"] = "render"
         out[v.name] = rec
 
@@ -716,7 +712,8 @@ def evaluate_holdout(prob: Problem, unk: Unknowns, views: Sequence[Any], mcfg: M
         vals = [r[key] for r in out.values() if r.get(key) is not None and not (judged and r.get("status") == "dropped")]
         return float(np.mean(vals)) if vals else None
 
-    res = {"views": out, "psnr_mean": mean("psnr"), "psnr_exposure_matched_mean": mean("psnr_exposure_matched"),
+    res = {"views": out, "psnr_mean": mean("psnr"), "psnr_interior_mean": mean("psnr_interior"),
+           "psnr_exposure_matched_mean": mean("psnr_exposure_matched"),
            "ssim_mean": mean("ssim"), "iou_mean": mean("iou", True),
            "iou_raw_mean": mean("iou_raw"), "lighting": "mean SH of the fitted views", "dropped_views": ious["dropped_views"]}
     log.info("ham: held-out views %s: PSNR mean %s dB, SSIM mean %s, IoU mean %s", list(out),
