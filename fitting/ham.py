@@ -453,9 +453,7 @@ def optimize_appearance(prob: Problem, unk: Unknowns, cfg: HamConf, views: list[
         loss.backward()
         opt.step()
         sched.step()
-        with torch.no_grad():
-            for a in unk.albedo.values():
-                a.clamp_(0.0, 1.0)
+        clamp_albedo(unk)
         if hasattr(bar, "losses"):
             bar.losses(total=loss.detach(), **{k: v.detach() for k, v in terms.items()})
     _freeze(unk)
@@ -495,26 +493,39 @@ def optimize_geometry(prob: Problem, unk: Unknowns, cfg: HamConf) -> dict[str, f
                                   offsets=prob.off(views))
         weight = prob.photo_weight[views]
         terms = {"photometric": Lo.photometric_loss(shaded.image, prob.photo[views], weight)}
-        if "silhouette" in w:
-            terms["silhouette"] = Lo.silhouette_loss(shaded.coverage, prob.vm.target[views], prob.vm.valid[views])
-        if "contour" in w:
-            pts, pix = Lo.rendered_contour_points(scene, shaded.rast.detach(), P, cfg.contour_points)
-            terms["contour"] = Lo.contour_loss(pts, pix, contours, prob.scale, cfg.contour_sigma_px,
-                                               cfg.contour_reverse_sigma_px)
-        reg = _regularisers(prob, unk, verts, w)
-        terms.update(reg)
+        terms.update(mask_terms(prob, scene, shaded.coverage, shaded.rast, views, P, contours, cfg, w))
+        terms.update(_regularisers(prob, unk, verts, w))
         loss = sum(w.get(k, 0.0) * v for k, v in terms.items())
         loss.backward()
         opt.step()
         sched.step()
-        with torch.no_grad():
-            for a in unk.albedo.values():
-                a.clamp_(0.0, 1.0)
+        clamp_albedo(unk)
         if hasattr(bar, "losses"):
             bar.losses(total=loss.detach(), **{k: v.detach() for k, v in terms.items()})
     _freeze(unk)
     prob.update_masks(unk)
     return {k: float(v.detach()) for k, v in terms.items()}
+
+
+def mask_terms(prob: Problem, scene: Any, coverage: torch.Tensor, rast: torch.Tensor, views: list[int],
+               P: torch.Tensor, contours: Any, cfg: HamConf, w: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    """Silhouette (antialiased coverage) and contour chamfer against the usable masks of ``views``,
+    the terms of ``w`` among them."""
+    out: dict[str, torch.Tensor] = {}
+    if "silhouette" in w:
+        out["silhouette"] = Lo.silhouette_loss(coverage, prob.vm.target[views], prob.vm.valid[views])
+    if "contour" in w:
+        pts, pix = Lo.rendered_contour_points(scene, rast.detach(), P, cfg.contour_points)
+        out["contour"] = Lo.contour_loss(pts, pix, contours, prob.scale, cfg.contour_sigma_px,
+                                         cfg.contour_reverse_sigma_px)
+    return out
+
+
+@torch.no_grad()
+def clamp_albedo(unk: Unknowns) -> None:
+    """Keep every albedo a reflectance in [0, 1] after an optimiser step."""
+    for a in unk.albedo.values():
+        a.clamp_(0.0, 1.0)
 
 
 def _regularisers(prob: Problem, unk: Unknowns, verts: list[torch.Tensor], w: Mapping[str, float]) -> dict[str, torch.Tensor]:

@@ -39,8 +39,8 @@ from capture.camera import Camera
 from capture.scan import Scan
 from fitting import losses as Lo
 from fitting.conf import section_dataclass
-from fitting.ham import (HamConf, Problem, Unknowns, _adam, _regularisers, crop_views, photo_metrics, plain_mesh,
-                         render_views)
+from fitting.ham import (HamConf, Problem, Unknowns, _adam, _regularisers, clamp_albedo, crop_views, mask_terms,
+                         photo_metrics, plain_mesh, render_views)
 from fitting.masks import MaskBuilder, MaskConf, pad_stack
 from fitting.pipeline import progress
 from fitting.pose_fit import image_scale
@@ -461,12 +461,7 @@ def train_geometry(prob: Problem, unk: Unknowns, net: NeuralRenderer, cfg: Neura
                            cfg.mixed_precision)
         img, cov = image_of(fr, rgb, scene, prob.ctx, prob.topology)
         terms = {"photometric": Lo.photometric_loss(img, prob.photo[views], prob.photo_weight[views])}
-        if "silhouette" in w:
-            terms["silhouette"] = Lo.silhouette_loss(cov, prob.vm.target[views], prob.vm.valid[views])
-        if "contour" in w:
-            pts, pix = Lo.rendered_contour_points(scene, fr.rast.detach(), P, hcfg.contour_points)
-            terms["contour"] = Lo.contour_loss(pts, pix, contours, prob.scale, hcfg.contour_sigma_px,
-                                               hcfg.contour_reverse_sigma_px)
+        terms.update(mask_terms(prob, scene, cov, fr.rast, views, P, contours, hcfg, w))
         if "feature_smooth" in w:
             terms["feature_smooth"] = _feature_smooth(prob, net)
         terms.update(_regularisers(prob, unk, verts, w))
@@ -474,9 +469,7 @@ def train_geometry(prob: Problem, unk: Unknowns, net: NeuralRenderer, cfg: Neura
         loss.backward()
         opt.step()
         sched.step()
-        with torch.no_grad():
-            for a in unk.albedo.values():
-                a.clamp_(0.0, 1.0)
+        clamp_albedo(unk)
         bar.losses(total=loss.detach(), **{k: v.detach() for k, v in terms.items()})
     for t in list(unk.fine.values()) + list(unk.albedo.values()):
         t.requires_grad_(False)
