@@ -38,6 +38,7 @@ import torch
 from capture.camera import Camera
 from capture.scan import Scan, View
 from fitting import losses as Lo
+from fitting.background import estimate_background, over_background, srgb_over_background
 from fitting.conf import section_dataclass
 from fitting.geometry import projection_matrices
 from fitting.hand_fit import _load_model, _model_name, _progress
@@ -65,6 +66,7 @@ class HamConf:
     iterations_appearance: int = 80  # phase (a): albedo + lighting, geometry fixed
     iterations_geometry: int = 250  # phase (b): displacements + albedo (+ lighting)
     iterations_final: int = 60  # albedo + lighting again on the final geometry
+    supersample: int = 4  # samples per pixel side of the measured and exported renders (1 = one sample + antialiasing)
     lr_albedo: float = 0.02
     lr_sh: float = 0.02
     lr_displacement: float = 0.00005  # metres per Adam step, fine displacement
@@ -76,6 +78,11 @@ class HamConf:
     contour_reverse_sigma_px: float = 20.0
     contour_points: int = 3000
     contour_margin_px: int = 2
+    # what renders are composited over for the photometric terms and the metrics: "inpaint" (each
+    # photo's background inpainted from its pixels away from masks and hands, fitting.background:
+    # the outline pixels then model the photo's mix of hand and background, and count) or "black"
+    # (outline pixels left out of the photometric terms)
+    background: str = "inpaint"
     weights: dict[str, float] = field(default_factory=lambda: {
         "photometric": 1.0, "silhouette": 1.0, "contour": 1.0, "laplacian": 0.5, "edge": 1.0, "normal": 0.1,
         "albedo_smooth": 0.1, "displacement": 0.001, "light": 0.01})
@@ -87,6 +94,10 @@ class HamConf:
             raise ValueError(f"ham.displacement must be normal or free, got {out.displacement!r}")
         if out.coarse_displacement not in ("none", "normal", "free"):
             raise ValueError(f"ham.coarse_displacement must be none, normal or free, got {out.coarse_displacement!r}")
+        if out.background not in ("inpaint", "black"):
+            raise ValueError(f"ham.background must be inpaint or black, got {out.background!r}")
+        if not 1 <= out.supersample <= 8:
+            raise ValueError(f"ham.supersample must be 1..8, got {out.supersample}")
         if not 1 <= out.levels <= 3:
             raise ValueError(f"ham.levels must be 1..3, got {out.levels}")
         return out
@@ -198,7 +209,7 @@ def run(scan: Scan, state: State, conf: Mapping[str, Any] | None) -> State:
     hands = [subdivide_hand(models[s], state.params[s], cfg.levels, device) for s in sides]
     offsets = camera_offsets(state, [v.name for v in scan.views], scale, device)
     work = crop_views(scan, [h.base for h in hands], offsets, cfg.crop_margin_px) if cfg.crop_margin_px >= 0 else scan
-    prob = Problem(work, hands, ctx, MaskConf.from_conf(conf), scale, device, offsets)
+    prob = Problem(work, hands, ctx, MaskConf.from_conf(conf), scale, device, offsets, cfg.background)
     gt_input = gt_errors(scan, {h.side: (h.base, h.faces) for h in hands})
 
     unk = init_unknowns(prob, cfg)
@@ -212,9 +223,9 @@ def run(scan: Scan, state: State, conf: Mapping[str, Any] | None) -> State:
         optimize_appearance(prob, unk, cfg, dropped, max(cfg.iterations_appearance // 2, 1), "ham lighting (dropped views)",
                             lighting_only=True)
 
-    metrics = evaluate(prob, unk)
+    metrics = evaluate(prob, unk, cfg.supersample)
     if scan.holdout:
-        metrics["holdout"] = evaluate_holdout(prob, unk, scan.holdout, MaskConf.from_conf(conf))
+        metrics["holdout"] = evaluate_holdout(prob, unk, scan.holdout, MaskConf.from_conf(conf), cfg.supersample)
     metrics["losses"] = {"appearance": losses_a, "geometry": losses_b, "final": losses_c}
     metrics["levels"] = cfg.levels
     metrics["vertices"] = {h.side: h.num_vertices for h in hands}
@@ -316,7 +327,7 @@ class Problem:
     merged scene's faces and topology, and the weight maps."""
 
     def __init__(self, scan: Scan, hands: list[HandMesh], ctx: Any, mcfg: MaskConf, scale: float, device: torch.device,
-                 offsets: torch.Tensor | None = None):
+                 offsets: torch.Tensor | None = None, background: str = "inpaint"):
         self.scan, self.hands, self.ctx, self.scale, self.device = scan, hands, ctx, scale, device
         self.names = [v.name for v in scan.views]
         self.V = len(self.names)
@@ -339,9 +350,24 @@ class Problem:
             self.kept = [i for i, v in enumerate(scan.views) if v.image is not None]
             log.warning("ham: no usable mask in any view; photometric terms on the render's own coverage, "
                         "no silhouette terms")
+        self.background = self._background([(h.base, h.faces) for h in hands]) if background == "inpaint" else None
         self.photo_weight = self._photo_weight()
         if self.maskless:
             self.use_render_coverage_of([(h.base, h.faces) for h in hands], self.kept)
+
+    @torch.no_grad()
+    def _background(self, meshes: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Each photo's background (linear, ``fitting.background``), read away from the masks and
+        from the fitted hands' renders (a view whose mask misses a hand)."""
+        scene = self.scene([m[0] for m in meshes])
+        rast, _ = rasterize(self.ctx, Lo.clip_positions(scene.verts, self.cameras, offsets=self.offsets), scene.tri,
+                            self.hw, grad_db=False)
+        occupied = (self.vm.target > 0.5) | (rast[..., 3] > 0)
+        return estimate_background(self.photo, self.vm.inside, occupied)
+
+    def composite(self, image: torch.Tensor, coverage: torch.Tensor, views: list[int]) -> torch.Tensor:
+        """A linear render of ``views`` over their photos' backgrounds (unchanged without one)."""
+        return over_background(image, coverage, None if self.background is None else self.background[views])
 
     def off(self, views: list[int]) -> torch.Tensor | None:
         return None if self.offsets is None else self.offsets[views]
@@ -360,8 +386,10 @@ class Problem:
         self.photo_weight = self._photo_weight()
 
     def _photo_weight(self) -> torch.Tensor:
-        """Usable mask pixels minus the mask's one-pixel rim (rim pixels mix hand and background
-        in the photo; the silhouette terms take care of the boundary)."""
+        """Usable mask pixels minus the mask's one-pixel rim: a rim pixel of the photo holds a
+        fraction of hand that a one-sample render gets right only to within its antialiasing
+        (measured on the demo capture: fitting the rim too lowered IoU and interior PSNR); the
+        silhouette and contour terms place the outline."""
         inner = Lo.erode(self.vm.target > 0.5).float()
         return self.vm.weight * inner
 
@@ -427,7 +455,8 @@ def optimize_appearance(prob: Problem, unk: Unknowns, cfg: HamConf, views: list[
         scene = prob.scene([unk.vertices(h) for h in prob.hands])
         pos = Lo.clip_positions(scene.verts, cams, offsets=prob.off(views))
         rast, _ = rasterize(prob.ctx, pos, scene.tri, prob.hw, grad_db=False)
-    photo, weight = prob.photo[views], prob.photo_weight[views]
+        front = ~Lo.back_facing(scene.verts, scene.tri, rast, cams)
+    photo, weight = prob.photo[views], prob.photo_weight[views] * front
     sh_param = unk.sh
     sh_param.requires_grad_(True)
     groups = [{"params": [sh_param], "lr": cfg.lr_sh}]
@@ -444,7 +473,7 @@ def optimize_appearance(prob: Problem, unk: Unknowns, cfg: HamConf, views: list[
         albedo = prob.albedo(unk) if train_albedo else prob.albedo(unk).detach()
         sh = prob.sh_for(unk, views)
         shaded = Lo.render_shaded(prob.ctx, scene, albedo, sh, cams, prob.hw, prob.topology, raster=(rast, pos))
-        terms = {"photometric": Lo.photometric_loss(shaded.image, photo, weight)}
+        terms = {"photometric": Lo.photometric_loss(prob.composite(shaded.image, shaded.coverage, views), photo, weight)}
         if train_albedo and "albedo_smooth" in w:
             terms["albedo_smooth"] = sum(Lo.laplacian_loss(unk.albedo[h.side], h.laplacian) for h in prob.hands)
         if "light" in w and unk.sh.ndim == 3 and not lighting_only:
@@ -491,8 +520,9 @@ def optimize_geometry(prob: Problem, unk: Unknowns, cfg: HamConf) -> dict[str, f
         scene = prob.scene(verts)
         shaded = Lo.render_shaded(prob.ctx, scene, prob.albedo(unk), prob.sh_for(unk, views), cams, prob.hw, prob.topology,
                                   offsets=prob.off(views))
-        weight = prob.photo_weight[views]
-        terms = {"photometric": Lo.photometric_loss(shaded.image, prob.photo[views], weight)}
+        weight = prob.photo_weight[views] * ~Lo.back_facing(scene.verts, scene.tri, shaded.rast, cams)
+        terms = {"photometric": Lo.photometric_loss(prob.composite(shaded.image, shaded.coverage, views),
+                                                    prob.photo[views], weight)}
         terms.update(mask_terms(prob, scene, shaded.coverage, shaded.rast, views, P, contours, cfg, w))
         terms.update(_regularisers(prob, unk, verts, w))
         loss = sum(w.get(k, 0.0) * v for k, v in terms.items())
@@ -568,21 +598,34 @@ def _freeze(unk: Unknowns) -> None:
 @dataclass
 class ViewRenders:
     """Per-view renders of refined hands: shaded and albedo (sRGB), camera-space normals mapped
-    to colours, antialiased coverage; numpy, (V,H,W,3) / (V,H,W)."""
+    to colours, antialiased coverage, the fraction of each pixel showing a back face (the inside
+    of the open wrist, ``losses.back_facing``); numpy, (V,H,W,3) / (V,H,W)."""
 
     shaded: np.ndarray
     albedo: np.ndarray
     normals: np.ndarray
     coverage: np.ndarray
+    back: np.ndarray
 
 
 @torch.no_grad()
 def render_views(ctx: Any, verts: Sequence[torch.Tensor], faces: Sequence[torch.Tensor], albedo: Sequence[torch.Tensor],
                  sh: torch.Tensor, cameras: Sequence[Camera], hw: tuple[int, int],
-                 offsets: torch.Tensor | None = None) -> ViewRenders:
+                 offsets: torch.Tensor | None = None, supersample: int = 1) -> ViewRenders:
     """Shaded, albedo, normal and coverage images of meshes (one scene) from ``cameras``; sh is
     (9,3) for all views or (V,9,3); ``offsets`` (V,2) camera corrections in pixels. Used by the
-    exporter and by ``scripts/render_views.py``."""
+    exporter and by ``scripts/render_views.py``.
+
+    ``supersample`` s > 1 renders at s times the size and box-filters down (linear RGB), as a
+    camera integrates over its pixel: outline pixels then hold the true fraction of hand, the way
+    a photo resized by area averaging (or any real sensor) holds it, which antialiasing at one
+    sample per pixel only approximates."""
+    if supersample > 1:
+        s = int(supersample)
+        big = render_views(ctx, verts, faces, albedo, sh, [c.scaled(s) for c in cameras], (hw[0] * s, hw[1] * s),
+                           None if offsets is None else offsets * s)
+        return ViewRenders(*(box_down(x, s, srgb=k < 2) for k, x in enumerate(
+            (big.shaded, big.albedo, big.normals, big.coverage, big.back))))
     scene = Lo.merge(list(verts), list(faces))
     alb = torch.cat([a.to(scene.verts) for a in albedo], 0)
     shaded = Lo.render_shaded(ctx, scene, alb, sh.to(scene.verts), cameras, hw, offsets=offsets)
@@ -598,8 +641,21 @@ def render_views(ctx: Any, verts: Sequence[torch.Tensor], faces: Sequence[torch.
     nimg, _ = interpolate(n_col, shaded.rast, scene.tri, ctx=ctx)
     nimg = antialias(nimg, shaded.rast, shaded.pos, scene.tri, ctx=ctx)
     to_np = lambda t: t.clamp(0.0, 1.0).cpu().numpy()  # noqa: E731
+    back = Lo.back_facing(scene.verts, scene.tri, shaded.rast, cameras).float()
     return ViewRenders(to_np(Lo.linear_to_srgb(shaded.image)), to_np(Lo.linear_to_srgb(flat.image)), to_np(nimg),
-                       to_np(shaded.coverage))
+                       to_np(shaded.coverage), to_np(back))
+
+
+def box_down(img: np.ndarray, s: int, srgb: bool = False) -> np.ndarray:
+    """(V,H*s,W*s[,C]) -> (V,H,W[,C]) by averaging s x s blocks; sRGB images are averaged in linear RGB."""
+    x = torch.as_tensor(img)
+    if srgb:
+        x = Lo.srgb_to_linear(x)
+    V, Hs, Ws = x.shape[:3]
+    x = x.reshape(V, Hs // s, s, Ws // s, s, *x.shape[3:]).mean((2, 4))
+    if srgb:
+        x = Lo.linear_to_srgb(x).clamp(0.0, 1.0)
+    return x.numpy()
 
 
 def photo_metrics(render_srgb: np.ndarray, photo: np.ndarray, region: np.ndarray) -> dict[str, float | None]:
@@ -614,42 +670,45 @@ def photo_metrics(render_srgb: np.ndarray, photo: np.ndarray, region: np.ndarray
     return {"psnr": M.psnr(render_srgb, photo, region), "ssim": ssim}
 
 
-def evaluate(prob: Problem, unk: Unknowns) -> dict[str, Any]:
+def evaluate(prob: Problem, unk: Unknowns, supersample: int = 1) -> dict[str, Any]:
     """Per view: IoU (``iou_report``), PSNR/SSIM of the shaded render; means over kept views.
 
     ``psnr`` / ``ssim`` are over the usable mask pixels the render covers (the neural stage measures
-    the same pixels); ``psnr_interior`` leaves out that region's one-pixel rim (the photometric
-    loss's region: a rim pixel of the photo mixes the hand with an unknown background, the
-    render's with black, so it measures the silhouette more than the colour); ``psnr_full_mask``
-    is over every usable mask pixel (uncovered ones count as black: colour and silhouette
-    together). Views whose mask was dropped are measured over the render's own coverage and
+    the same pixels), the render composited over the photo's inpainted background
+    (``fitting.background``; ``ham.background``) as the photometric terms see it;
+    ``psnr_over_black`` the same pixels with the render on black (outline pixels then mix the hand
+    with black where the photo mixes it with the backdrop); ``psnr_interior`` leaves out the
+    region's one-pixel rim; ``psnr_full_mask`` is over every usable mask pixel (colour and
+    silhouette together). Views whose mask was dropped are measured over the render's own coverage and
     flagged ``region: render``; ``mask_judgement`` says which views were dropped or partial, and why."""
     verts = [unk.vertices(h).detach() for h in prob.hands]
     sh = unk.sh.detach() if unk.sh.ndim == 3 else unk.sh.detach().unsqueeze(0).expand(prob.V, -1, -1)
     rv = render_views(prob.ctx, verts, [h.faces for h in prob.hands], [unk.albedo_of(h.side) for h in prob.hands], sh,
-                      prob.cameras, prob.hw, prob.offsets)
+                      prob.cameras, prob.hw, prob.offsets, supersample)
     cov = torch.as_tensor(rv.coverage, device=prob.device)
     ious = iou_report(cov, prob.vm)
     photo = prob.photo.cpu().numpy()
+    shown = srgb_over_background(rv.shaded, rv.coverage, None if prob.background is None else prob.background.cpu().numpy())
     usable = (prob.vm.valid * prob.vm.target).cpu().numpy() > 0.5
     inside = prob.vm.inside.cpu().numpy() > 0.5
-    covered = rv.coverage > 0.5
+    covered = (rv.coverage > 0.5) & (rv.back < 0.5)  # the inside of the open wrist is no hand surface
     views: dict[str, Any] = {}
     psnrs, ssims = [], []
     for i, name in enumerate(prob.names):
         rec = dict(ious["views"][name])
         if i in prob.kept and not prob.maskless:
-            m = photo_metrics(rv.shaded[i], photo[i], usable[i] & covered[i])
+            m = photo_metrics(shown[i], photo[i], usable[i] & covered[i])
             rec.update(m)
-            rec["psnr_interior"] = photo_metrics(rv.shaded[i], photo[i], _erode_np(usable[i] & covered[i]))["psnr"]
-            rec["psnr_full_mask"] = photo_metrics(rv.shaded[i], photo[i], usable[i])["psnr"]
+            rec["psnr_over_black"] = photo_metrics(rv.shaded[i], photo[i], usable[i] & covered[i])["psnr"]
+            rec["psnr_interior"] = photo_metrics(shown[i], photo[i], _erode_np(usable[i] & covered[i]))["psnr"]
+            rec["psnr_full_mask"] = photo_metrics(shown[i], photo[i], usable[i])["psnr"]
             rec["region"] = "mask"
             if m["psnr"] is not None:
                 psnrs.append(m["psnr"])
             if m["ssim"] is not None:
                 ssims.append(m["ssim"])
         else:
-            rec.update(photo_metrics(rv.shaded[i], photo[i], covered[i] & inside[i]))
+            rec.update(photo_metrics(shown[i], photo[i], covered[i] & inside[i]))
             rec["region"] = "render"
             if prob.maskless and rec["psnr"] is not None:
                 psnrs.append(rec["psnr"])
@@ -658,6 +717,7 @@ def evaluate(prob: Problem, unk: Unknowns) -> dict[str, Any]:
         views[name] = rec
     kept_full = [views[prob.names[i]]["psnr_full_mask"] for i in prob.kept if views[prob.names[i]].get("psnr_full_mask")]
     kept_interior = [views[prob.names[i]]["psnr_interior"] for i in prob.kept if views[prob.names[i]].get("psnr_interior")]
+    kept_black = [views[prob.names[i]]["psnr_over_black"] for i in prob.kept if views[prob.names[i]].get("psnr_over_black")]
     raw = [views[n]["iou_raw"] for n in prob.names]
     return {
         "views": views,
@@ -666,6 +726,8 @@ def evaluate(prob: Problem, unk: Unknowns) -> dict[str, Any]:
         "iou_raw_mean": float(np.mean(raw)) if raw else None,
         "psnr_mean": float(np.mean(psnrs)) if psnrs else None,
         "psnr_interior_mean": float(np.mean(kept_interior)) if kept_interior else None,
+        "psnr_over_black_mean": float(np.mean(kept_black)) if kept_black else None,
+        "background": "inpainted" if prob.background is not None else "black",
         "psnr_full_mask_mean": float(np.mean(kept_full)) if kept_full else None,
         "ssim_mean": float(np.mean(ssims)) if ssims else None,
         "dropped_views": ious["dropped_views"],
@@ -675,7 +737,8 @@ def evaluate(prob: Problem, unk: Unknowns) -> dict[str, Any]:
     }
 
 
-def evaluate_holdout(prob: Problem, unk: Unknowns, views: Sequence[Any], mcfg: MaskConf | None = None) -> dict[str, Any]:
+def evaluate_holdout(prob: Problem, unk: Unknowns, views: Sequence[Any], mcfg: MaskConf | None = None,
+                     supersample: int = 1) -> dict[str, Any]:
     """Novel-view check on views kept out of every fit (``scan.holdout``): the refined hands
     rendered with the mean SH of the fitted views (as ``scripts/render_views.py`` renders a camera
     it never saw) and no camera correction; per view IoU (``iou_report``: raw, without forearm,
@@ -694,11 +757,15 @@ def evaluate_holdout(prob: Problem, unk: Unknowns, views: Sequence[Any], mcfg: M
     vm = builder.build(meshes, [h.side for h in prob.hands], decide=True, consensus=False)
     V = len(builder.names)
     rv = render_views(prob.ctx, verts, faces, [unk.albedo_of(h.side) for h in prob.hands],
-                      sh_mean.unsqueeze(0).expand(V, -1, -1), builder.cameras, builder.hw)
+                      sh_mean.unsqueeze(0).expand(V, -1, -1), builder.cameras, builder.hw, supersample=supersample)
     ious = iou_report(torch.as_tensor(rv.coverage, device=prob.device), vm)
-    photo = pad_stack([v.image for v in held.views], builder.hw, channels=3).numpy()
+    photo_t = pad_stack([v.image for v in held.views], builder.hw, channels=3, device=prob.device)
+    photo = photo_t.cpu().numpy()
+    if prob.background is not None:  # each held-out photo's own backdrop, as for the fitted views
+        bg = estimate_background(photo_t, builder.inside, (vm.target > 0.5) | torch.as_tensor(rv.coverage > 0, device=prob.device))
+        rv.shaded = srgb_over_background(rv.shaded, rv.coverage, bg.cpu().numpy())
     usable = (vm.valid * vm.target).cpu().numpy() > 0.5
-    covered = rv.coverage > 0.5
+    covered = (rv.coverage > 0.5) & (rv.back < 0.5)
     inside = builder.inside.cpu().numpy() > 0.5
     out: dict[str, Any] = {}
     for i, v in enumerate(held.views):

@@ -299,6 +299,25 @@ def render_shaded(ctx: "RenderContext", scene: Scene, albedo: torch.Tensor, sh: 
     return Shaded(aa[..., :3], aa[..., 3], rast, pos)
 
 
+@torch.no_grad()
+def back_facing(verts: torch.Tensor, tri: torch.Tensor, rast: torch.Tensor, cameras: Sequence[Camera]) -> torch.Tensor:
+    """(V,H,W) bool: pixels whose visible triangle turns its back to the camera.
+
+    Why: a hand model ends at the wrist, open; through the opening a camera sees the mesh's
+    inside, a surface the hand does not have (in a photo it is the forearm or the wrist's shadowed
+    inside). Those pixels are left out of the photometric terms and the photo metrics, the way the
+    forearm is."""
+    from renderer.shading import face_normals
+
+    fn = face_normals(verts, tri, normalize=False)
+    centroid = verts[tri.long()].mean(1)
+    centers = torch.as_tensor(np.stack([c.center for c in cameras]), dtype=verts.dtype, device=verts.device)
+    back = ((centroid.unsqueeze(0) - centers[:, None]) * fn.unsqueeze(0)).sum(-1) > 0  # (V,F)
+    tid = rast[..., 3].round().long()
+    idx = (tid - 1).clamp_min(0).flatten(1)
+    return torch.gather(back, 1, idx).view_as(tid) & (tid > 0)
+
+
 # -------------------------------------------------------------------------------- contour terms
 #
 # Why contour terms besides the antialiased coverage: the coverage gradient comes from

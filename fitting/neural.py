@@ -22,8 +22,10 @@ Evaluation (``state.metrics["neural"]``): masked PSNR (= 20 log10(1/RMSE)) and S
 neural render and of the HAM shaded render, on the fitted views (shaded with their own SH) and on
 ``Scan.holdout`` (never fitted by any stage; shaded with the mean SH, which does not look at the
 held-out photo). Both renders are measured on the same pixels: usable mask (forearm and
-missing-hand regions excluded) covered by both renders; ``psnr_full_mask`` over the whole usable
-mask. Mixed precision (autocast) for the network on CUDA.
+missing-hand regions excluded) covered by both renders, where they show the hand's outside (not
+the inside of the open wrist, ``losses.back_facing``), both over the photo's inpainted background
+(``fitting.background``) and box-filtered from ``ham.supersample`` samples per pixel side as ham
+measures; ``psnr_full_mask`` over the whole usable mask. Mixed precision (autocast) for the network on CUDA.
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ from capture.camera import Camera
 from capture.scan import Scan
 from fitting import losses as Lo
 from fitting.conf import section_dataclass
-from fitting.ham import (HamConf, Problem, Unknowns, _adam, _regularisers, clamp_albedo, crop_views, mask_terms,
+from fitting.background import estimate_background, srgb_over_background
+from fitting.ham import (HamConf, Problem, Unknowns, _adam, _regularisers, box_down, clamp_albedo, crop_views, mask_terms,
                          photo_metrics, plain_mesh, render_views)
 from fitting.masks import MaskBuilder, MaskConf, pad_stack
 from fitting.pipeline import progress
@@ -243,10 +246,17 @@ def image_of(fr: Frame, rgb: torch.Tensor, scene: Lo.Scene, ctx: Any, topology: 
 @torch.no_grad()
 def render_neural(net: NeuralRenderer, ctx: Any, verts: Sequence[torch.Tensor], faces: Sequence[torch.Tensor],
                   albedo: Sequence[torch.Tensor], sh: torch.Tensor, cameras: Sequence[Camera], hw: tuple[int, int],
-                  offsets: torch.Tensor | None = None, chunk: int = 4) -> tuple[np.ndarray, np.ndarray]:
+                  offsets: torch.Tensor | None = None, chunk: int = 4, supersample: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Neural renders (sRGB (V,H,W,3), on black) and coverage (V,H,W) of meshes from ``cameras``
     (``chunk`` views at a time); ``sh`` (9,3) the scene's lighting. Used by the stage's
-    evaluation, the exporter and ``scripts/render_views.py``."""
+    evaluation, the exporter and ``scripts/render_views.py``. ``supersample`` as in
+    ``ham.render_views`` (the per-pixel MLP only: a UNet's receptive field is in pixels, so it
+    renders at one sample per pixel)."""
+    if supersample > 1 and net.spec.kind == "mlp":
+        s = int(supersample)
+        img, cov = render_neural(net, ctx, verts, faces, albedo, sh, [c.scaled(s) for c in cameras], (hw[0] * s, hw[1] * s),
+                                 None if offsets is None else offsets * s, chunk=1)
+        return box_down(img, s, srgb=True), box_down(cov, s)
     net.eval()
     dev = ctx.device
     scene = Lo.merge([v.to(dev) for v in verts], list(faces))
@@ -283,7 +293,7 @@ def run(scan: Scan, state: State, conf: Mapping[str, Any] | None) -> State:
     offsets = camera_offsets(state, [v.name for v in scan.views], scale, device)
     # each fitted view cut to the box around its mask and hands, as ham does (no mask pixel is lost)
     work = crop_views(scan, [h.base for h in hands], offsets, hcfg.crop_margin_px) if hcfg.crop_margin_px >= 0 else scan
-    prob = Problem(work, hands, ctx, MaskConf.from_conf(conf), scale, device, offsets)
+    prob = Problem(work, hands, ctx, MaskConf.from_conf(conf), scale, device, offsets, hcfg.background)
     sh = torch.as_tensor(state.lighting["sh_mean"], dtype=torch.float32, device=device)
     unk = Unknowns({s: meshes[s][2] for s in sides}, {h.side: torch.zeros(h.num_vertices, 1, device=device) for h in hands},
                    {}, sh)
@@ -298,9 +308,9 @@ def run(scan: Scan, state: State, conf: Mapping[str, Any] | None) -> State:
     with torch.no_grad():
         disp = {h.side: unk.displacement(h) for h in hands}
         metrics["displacement_mm"] = {h.side: float(1000.0 * disp[h.side].norm(dim=-1).mean()) for h in hands}
-    metrics["train"] = evaluate_fitted(prob, unk, net, state)
+    metrics["train"] = evaluate_fitted(prob, unk, net, state, hcfg.supersample)
     if scan.holdout:
-        metrics["holdout"] = evaluate_holdout(scan, prob, unk, net, state, conf, scale)
+        metrics["holdout"] = evaluate_holdout(scan, prob, unk, net, state, conf, scale, hcfg.supersample)
     state.neural = neural_record(net, prob, unk, sides)
     state.metrics["neural"] = metrics
     tr, ho = metrics["train"], metrics.get("holdout", {})
@@ -393,7 +403,8 @@ def train_appearance(prob: Problem, unk: Unknowns, net: NeuralRenderer, cfg: Neu
     with torch.no_grad():
         fr = make_frame(prob.ctx, scene, cams, prob.hw, prob.off(views), net.spec.multiple, cfg.crop_margin_px)
         interior = Lo.erode(fr.covered()).reshape(-1)[fr.index].float()
-        weight = prob.photo_weight[views].reshape(-1)[fr.index] * interior
+        front = ~Lo.back_facing(scene.verts, scene.tri, fr.rast, cams).reshape(-1)[fr.index]
+        weight = prob.photo_weight[views].reshape(-1)[fr.index] * interior * front
         photo = prob.photo[views].reshape(-1, 3)[fr.index]
         net.confidence.copy_(observation_confidence(fr, weight, net.num_vertices, cfg.confidence_pixels))
         static = pixel_inputs(net, fr, verts, scene.tri, prob.albedo(unk).detach(), unk.sh)
@@ -460,7 +471,8 @@ def train_geometry(prob: Problem, unk: Unknowns, net: NeuralRenderer, cfg: Neura
         rgb = shade_pixels(net, fr, pixel_inputs(net, fr, scene.verts, scene.tri, prob.albedo(unk), unk.sh),
                            cfg.mixed_precision)
         img, cov = image_of(fr, rgb, scene, prob.ctx, prob.topology)
-        terms = {"photometric": Lo.photometric_loss(img, prob.photo[views], prob.photo_weight[views])}
+        weight = prob.photo_weight[views] * ~Lo.back_facing(scene.verts, scene.tri, fr.rast, cams)
+        terms = {"photometric": Lo.photometric_loss(img, prob.photo[views], weight)}
         terms.update(mask_terms(prob, scene, cov, fr.rast, views, P, contours, hcfg, w))
         if "feature_smooth" in w:
             terms["feature_smooth"] = _feature_smooth(prob, net)
@@ -508,9 +520,10 @@ def _ham_meshes(state: State, sides: Sequence[str], device: torch.device) -> tup
 
 
 @torch.no_grad()
-def evaluate_fitted(prob: Problem, unk: Unknowns, net: NeuralRenderer, state: State) -> dict[str, Any]:
+def evaluate_fitted(prob: Problem, unk: Unknowns, net: NeuralRenderer, state: State, supersample: int = 1) -> dict[str, Any]:
     """Fitted views with a usable mask: the neural render against HAM's shaded render (each
-    view's own SH, as HAM fitted it) on the same pixels."""
+    view's own SH, as HAM fitted it) on the same pixels, both over the photo's background
+    (``ham.background``) as ham measures."""
     views = prob.kept if not prob.maskless else []
     if not views:
         return {"views": {}}
@@ -518,22 +531,26 @@ def evaluate_fitted(prob: Problem, unk: Unknowns, net: NeuralRenderer, state: St
     cams = [prob.cameras[i] for i in views]
     off = prob.off(views)
     nimg, ncov = render_neural(net, prob.ctx, [unk.vertices(h) for h in prob.hands], [h.faces for h in prob.hands],
-                               [unk.albedo_of(h.side) for h in prob.hands], unk.sh, cams, prob.hw, off)
+                               [unk.albedo_of(h.side) for h in prob.hands], unk.sh, cams, prob.hw, off,
+                               supersample=supersample)
     names = [str(n) for n in state.lighting["views"]]
     sh_all = torch.as_tensor(state.lighting["sh"], dtype=torch.float32)
     sh = torch.stack([sh_all[names.index(prob.names[i])] if prob.names[i] in names else unk.sh.cpu() for i in views])
     v, f, a = _ham_meshes(state, sides, prob.device)
-    rv = render_views(prob.ctx, v, f, a, sh.to(prob.device), cams, prob.hw, off)
+    rv = render_views(prob.ctx, v, f, a, sh.to(prob.device), cams, prob.hw, off, supersample)
     photo = prob.photo[views].cpu().numpy()
+    if prob.background is not None:
+        bg = prob.background[views].cpu().numpy()
+        nimg, rv.shaded = srgb_over_background(nimg, ncov, bg), srgb_over_background(rv.shaded, rv.coverage, bg)
     usable = ((prob.vm.valid * prob.vm.target)[views] > 0.5).cpu().numpy()
-    both = (ncov > 0.5) & (rv.coverage > 0.5)
+    both = (ncov > 0.5) & (rv.coverage > 0.5) & (rv.back < 0.5)
     per = {prob.names[i]: _compare(nimg[k], rv.shaded[k], photo[k], usable[k], both[k]) for k, i in enumerate(views)}
     return {"views": per, **_means(per, list(per))}
 
 
 @torch.no_grad()
 def evaluate_holdout(scan: Scan, prob: Problem, unk: Unknowns, net: NeuralRenderer, state: State,
-                     conf: Mapping[str, Any] | None, scale: float) -> dict[str, Any]:
+                     conf: Mapping[str, Any] | None, scale: float, supersample: int = 1) -> dict[str, Any]:
     """Held-out views: masks judged against the hands as for fitted views (forearm and missing
     hands ignored; a broken mask is flagged 'dropped' and left out of the means), no camera
     corrections (none was estimated), the shaded render under the mean SH of the fitted views."""
@@ -544,11 +561,16 @@ def evaluate_holdout(scan: Scan, prob: Problem, unk: Unknowns, net: NeuralRender
     vm = builder.build(list(zip(v, f)), sides, decide=True, consensus=False)
     cams, hw = builder.cameras, builder.hw
     nimg, ncov = render_neural(net, prob.ctx, [unk.vertices(h) for h in prob.hands], [h.faces for h in prob.hands],
-                               [unk.albedo_of(h.side) for h in prob.hands], unk.sh, cams, hw)
-    rv = render_views(prob.ctx, v, f, a, unk.sh.expand(len(cams), -1, -1).contiguous(), cams, hw)
-    photo = pad_stack([vw.image for vw in hs.views], hw, channels=3).numpy()
+                               [unk.albedo_of(h.side) for h in prob.hands], unk.sh, cams, hw, supersample=supersample)
+    rv = render_views(prob.ctx, v, f, a, unk.sh.expand(len(cams), -1, -1).contiguous(), cams, hw, supersample=supersample)
+    photo_t = pad_stack([vw.image for vw in hs.views], hw, channels=3, device=prob.device)
+    photo = photo_t.cpu().numpy()
+    if prob.background is not None:  # each held-out photo's own backdrop, as ham's evaluate_holdout
+        occupied = (vm.target > 0.5) | torch.as_tensor((rv.coverage > 0) | (ncov > 0), device=prob.device)
+        bg = estimate_background(photo_t, builder.inside, occupied).cpu().numpy()
+        nimg, rv.shaded = srgb_over_background(nimg, ncov, bg), srgb_over_background(rv.shaded, rv.coverage, bg)
     usable = ((vm.valid * vm.target) > 0.5).cpu().numpy()
-    both = (ncov > 0.5) & (rv.coverage > 0.5)
+    both = (ncov > 0.5) & (rv.coverage > 0.5) & (rv.back < 0.5)
     per: dict[str, Any] = {}
     for k, vw in enumerate(hs.views):
         rec = _compare(nimg[k], rv.shaded[k], photo[k], usable[k], both[k])
