@@ -10,7 +10,28 @@ by a trimmed mean. Distances are mean-pose vertex distances — RMS over the ver
 hands of two betas, exact through the Gram matrix of the shape directions, since the rest mesh is
 linear in the betas — so "far" means millimetres of hand, whatever the shape basis. For the same
 reason the weighted mean of betas IS the weighted mean of the mean-pose meshes. The plain mean is
-kept beside it for comparison. Optionally (``refine_iterations`` > 0) the estimate is then refined
+kept beside it for comparison.
+
+Size: one view cannot tell a hand's size from its distance, so what a one-view predictor says
+about the size component (beta 0, ~8 mm of mean-pose vertex error per unit; the others 0.1-1.1
+mm) comes only from the hand's proportions, and weakly. The confidence weights are no good for
+it: the head ranks frames by shape error, which is mostly size error, so it prefers frames whose
+predicted size is near the predictor's usual one and pulls the calibrated size there. Over 2000
+training sequences (30 frames, one view, seeds 600000+) the true beta 0 correlates 0.32 with the
+plain mean of the per-frame beta 0 but only 0.12 with the weighted robust estimate's, and the
+plain mean is biased (+0.69: hands predicted ~4 % small). With ``size_prior`` (:class:`SizePrior`;
+:data:`GCN_SIZE_PRIOR` for the committed GCN, used by ``fitting.sequence``) beta 0 is therefore
+set to the posterior mean given the plain mean of the per-frame beta 0 — linear under a joint
+Gaussian, ``gain`` x mean + ``offset``, fitted on those training sequences
+(:func:`fit_size_prior`; ``scripts/eval_identity.py --fit-size-prior 2000``) — and the other
+components keep the weighted robust estimate. Why not the hand model's own prior: within it the
+proportions do fix the size (R^2 of log-size on the scale-free mean-pose mesh 0.999), but beta 0's
+scale-free part is only 0.48 mm RMS of mesh (0.35 mm over the 21 joints) per unit, and the
+calibrated shapes' scale-free error is ~1.45 mm (the mean hand's ~1.5): the prior's posterior
+size given them did not beat the calibrated size (6.12-6.22 mm against 6.14 on the confidence
+head's 100 validation sequences, whatever the assumed noise).
+
+Optionally (``refine_iterations`` > 0) the estimate is then refined
 against every frame's keypoints at once (``fitting.tto.fit_sequence`` with the shape free and held
 to the estimate by ``refine_anchor``): with two or more calibrated views this recovers the hand's
 absolute size, which no single view can tell from its distance.
@@ -70,10 +91,46 @@ class IdentityConf:
         return out
 
 
+@dataclass(frozen=True)
+class SizePrior:
+    """Posterior mean of the size component (beta 0) of a person's shape given the plain mean
+    ``m`` of a one-view predictor's per-frame beta 0: ``gain * m + offset`` (the linear
+    regression of the true beta 0 on ``m`` over training sequences, :func:`fit_size_prior`).
+    Specific to the predictor that made the estimates: refit after retraining it."""
+
+    gain: float
+    offset: float
+    source: str = ""
+
+    def __call__(self, mean_beta0: float) -> float:
+        return float(self.gain * mean_beta0 + self.offset)
+
+
+# The committed GCN (networks/data/gcn_weights.pt) on 2000 single-view 30-frame sequences of the
+# default detection model, seeds 600000..601999 (sides alternating; no other use of these seeds):
+# `scripts/eval_identity.py --fit-size-prior 2000`. Correlation of the plain-mean beta 0 with the
+# truth 0.32 (the weighted robust beta 0: 0.12), residual std of beta 0 0.92 (of the true beta 0: 0.97).
+GCN_SIZE_PRIOR = SizePrior(1.2866, -0.8890, "GCN, 2000 x 30-frame one-view sequences, seeds 600000+")
+SIZE_COMPONENT = 0  # beta 0: the size direction (a shape's least-squares scale against the mean hand depends on it alone)
+
+
+def fit_size_prior(per_frame_betas: list[np.ndarray] | np.ndarray, betas_true: np.ndarray, source: str = "") -> SizePrior:
+    """:class:`SizePrior` from sequences: ``per_frame_betas`` (one (F,10) array per sequence) and
+    their true betas (S,10). Least squares of the true beta 0 on the plain mean of the per-frame
+    beta 0 (with an intercept)."""
+    m = np.array([np.asarray(b, np.float64).reshape(-1, NUM_BETAS)[:, SIZE_COMPONENT].mean() for b in per_frame_betas])
+    t = np.asarray(betas_true, np.float64).reshape(len(m), -1)[:, SIZE_COMPONENT]
+    if len(m) < 3 or np.ptp(m) <= 0:
+        raise ValueError("fit_size_prior needs at least 3 sequences whose mean beta 0 differs")
+    gain, offset = np.linalg.lstsq(np.c_[m, np.ones_like(m)], t, rcond=None)[0]
+    return SizePrior(float(gain), float(offset), source)
+
+
 @dataclass
 class Calibration:
-    """One side's calibrated shape. ``betas`` (10,) the robust confidence-weighted estimate,
-    ``plain_mean`` (10,) the unweighted mean; per frame: ``prior_weights`` (softmax of the
+    """One side's calibrated shape. ``betas`` (10,) the robust confidence-weighted estimate (its
+    beta 0 from the size prior when one was given; ``betas_weighted`` then keeps the estimate
+    before), ``plain_mean`` (10,) the unweighted mean; per frame: ``prior_weights`` (softmax of the
     confidences), final ``weights`` (sum 1) and ``distances_mm`` (RMS mean-pose vertex distance to
     ``betas``)."""
 
@@ -86,6 +143,7 @@ class Calibration:
     frames: list[str] = field(default_factory=list)
     method: str = ""
     betas_before_refinement: np.ndarray | None = None  # the robust mean, when refined afterwards
+    betas_weighted: np.ndarray | None = None  # the weighted robust estimate before the size prior set beta 0
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -98,6 +156,7 @@ class Calibration:
             "distances_mm": self.distances_mm.round(4).tolist(),
             "confidence": None if self.confidence is None else self.confidence.round(5).tolist(),
             "betas_before_refinement": None if self.betas_before_refinement is None else self.betas_before_refinement.tolist(),
+            "betas_weighted": None if self.betas_weighted is None else self.betas_weighted.tolist(),
         }
 
 
@@ -149,9 +208,11 @@ def calibrate(
     confidence: np.ndarray | torch.Tensor | None = None,
     cfg: IdentityConf | None = None,
     frames: list[str] | None = None,
+    size_prior: SizePrior | None = None,
 ) -> Calibration:
     """One shape from per-frame estimates ``betas`` (N,10) and confidence scores (N,) (higher =
-    better; None = all equal). See the module docstring for the method."""
+    better; None = all equal). With ``size_prior`` beta 0 is its posterior mean given the plain
+    mean of the per-frame beta 0, the rest the weighted robust estimate. See the module docstring."""
     cfg = cfg or IdentityConf()
     B = np.asarray(betas.detach().cpu() if isinstance(betas, torch.Tensor) else betas, np.float64).reshape(-1, NUM_BETAS)
     N = len(B)
@@ -187,6 +248,12 @@ def calibrate(
                 break
             est = new
     method = f"{'confidence' if conf is not None else 'uniform'}-weighted, {cfg.robust}"
+    weighted = None
+    if size_prior is not None:
+        weighted = est.astype(np.float32)
+        est = est.copy()
+        est[SIZE_COMPONENT] = size_prior(B[:, SIZE_COMPONENT].mean())
+        method += f"; size (beta 0) from the plain mean through the size prior ({size_prior.source or 'given'})"
     return Calibration(
         betas=est.astype(np.float32),
         plain_mean=B.mean(0).astype(np.float32),
@@ -196,6 +263,7 @@ def calibrate(
         confidence=conf,
         frames=list(frames or []),
         method=method,
+        betas_weighted=weighted,
     )
 
 
@@ -301,6 +369,6 @@ def run(scan: Any, state: Any, conf: Mapping[str, Any] | None) -> Any:
 
 
 __all__ = [
-    "Calibration", "IdentityConf", "calibrate", "load_identity", "resolve_path", "run", "save_identity",
+    "GCN_SIZE_PRIOR", "SIZE_COMPONENT", "Calibration", "IdentityConf", "SizePrior", "calibrate", "fit_size_prior", "load_identity", "resolve_path", "run", "save_identity",
     "shape_distances_mm", "shape_error_mm", "shape_gram", "softmax_weights",
 ]

@@ -23,6 +23,11 @@ Fitting against them as they are pulls the hand up the arm and into the fragment
 - *Missing parts* (multi-view consensus, once the hands fit well): rendered hand pixels far
   outside a view's mask whose surface points the other views' masks contain (most of them) are
   that mask's misses (fingers lost against a bright background), ignored and reported.
+- *Unsupported mask pixels* (visual-hull consistency, at the same time): a mask pixel whose ray
+  meets no point that the other kept views' masks (most of those that see it) contain was
+  segmented by this view alone (a shadow, background, an arm's stub the others show under the
+  sleeve); such pixels are ignored and reported. The check uses only the masks and the cameras
+  (the hands only bound the depths searched along each ray), never the render's coverage.
 
 Only mask pixels are ever ignored for the forearm: a background pixel beside the arm stays
 background, so a hand bulging into it still pays.
@@ -34,7 +39,7 @@ the same K and a larger image size maps pixels to the same places, and the paddi
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -78,6 +83,26 @@ class MaskConf:
     consensus_tolerance_px: float = 8.0
     consensus_ratio: float = 0.8
     consensus_min_pixels: int = 20
+    # The contour term's rendered->mask part pulls a rendered contour point toward the mask's
+    # nearest contour. Inside the mask that is right only next to the mask's contour: deeper in,
+    # the point is the rim of a gap the render opens between fingers that the mask shows touching
+    # (or of a hole), and the nearest mask contour lies beyond the finger, so the pull widens the
+    # gap. Rendered contour points deeper inside the mask than this (pixels at the loaded size)
+    # get no rendered->mask pull (the silhouette term and the mask->rendered part close such gaps;
+    # points outside the mask are still pulled in). < 0 = pulled at any depth.
+    contour_inner_px: float = 2.0
+    # Visual-hull support of mask pixels (once the hands and cameras fit well): a usable mask
+    # pixel whose ray has no point inside the masks (grown by hull_tolerance_px, original pixels)
+    # of at least hull_ratio of the other kept views that see that point (at least 3) is something
+    # no other view segmented: a shadow, background, or an arm's stub that the other views show
+    # under the sleeve. Such pixels are ignored (and counted in the view's note); a view with
+    # hull_min_pixels (loaded size) of them off the forearm is partial. hull_samples depths per
+    # ray, over the hands' depth range grown by hull_depth_margin (metres). hull_ratio = 0 = off.
+    hull_ratio: float = 0.8
+    hull_tolerance_px: float = 8.0
+    hull_min_pixels: int = 20
+    hull_samples: int = 160
+    hull_depth_margin: float = 0.25
 
     @staticmethod
     def from_conf(conf: Mapping[str, Any] | None) -> "MaskConf":
@@ -96,7 +121,8 @@ class ViewMasks:
     """Targets and weights of the image terms, on the render canvas.
 
     ``target`` (V,H,W) the given masks as float; ``valid`` (V,H,W) 1 where a pixel counts (inside
-    the image, not forearm, not a missing hand's region); ``view_weight`` (V,) 0 for dropped views.
+    the image, not forearm, not a missing hand's region, not a mask pixel without visual-hull
+    support); ``view_weight`` (V,) 0 for dropped views.
     ``status[v]`` is 'ok', 'partial' or 'dropped'; ``notes[v]`` says why."""
 
     names: list[str]
@@ -109,6 +135,10 @@ class ViewMasks:
     iou_initial: list[float] = field(default_factory=list)
     forearm: torch.Tensor | None = None  # (V,H,W) bool ignored forearm pixels
     missing: torch.Tensor | None = None  # (V,H,W) bool ignored missing-hand pixels
+    unsupported: torch.Tensor | None = None  # (V,H,W) bool mask pixels no other view's mask supports
+    # rendered contour points deeper inside the mask than this (pixels) get no rendered->mask pull
+    # from the contour term (MaskConf.contour_inner_px); < 0 = at any depth
+    contour_inner_px: float = -1.0
 
     @property
     def weight(self) -> torch.Tensor:
@@ -120,10 +150,15 @@ class ViewMasks:
 
     def contours(self, views: Any, margin: int, max_points: int) -> Any:
         """The contour targets (``losses.mask_contours``) of ``views`` (an index into V); recomputed
-        whenever the forearm maps move."""
+        whenever the forearm maps move. Rendered contour points deeper than ``contour_inner_px``
+        inside the mask get no rendered->mask pull (``inner_ok`` false there: the contour term
+        clamps the field at 0, see ``MaskConf.contour_inner_px``)."""
         from fitting.losses import mask_contours
 
-        return mask_contours(self.target[views], self.valid[views], margin, max_points, self.inside[views])
+        c = mask_contours(self.target[views], self.valid[views], margin, max_points, self.inside[views])
+        if self.contour_inner_px >= 0:
+            c = replace(c, inner_ok=c.inner_ok & (c.field >= -self.contour_inner_px))
+        return c
 
 
 # ------------------------------------------------------------------------------------------ canvas
@@ -365,9 +400,11 @@ class MaskBuilder:
         V = len(self.names)
         if not decide and previous is not None:
             missing = previous.missing if previous.missing is not None else torch.zeros_like(forearm)
-            valid = base_valid * (~missing).float()
+            unsupported = previous.unsupported if previous.unsupported is not None else torch.zeros_like(forearm)
+            valid = base_valid * (~missing).float() * (~unsupported).float()
             return ViewMasks(self.names, self.target, self.inside, valid, previous.view_weight, list(previous.status),
-                             list(previous.notes), list(previous.iou_initial), forearm, missing)
+                             list(previous.notes), list(previous.iou_initial), forearm, missing, unsupported,
+                             self.cfg.contour_inner_px)
 
         iou = _iou(hand_vis.float(), self.target, base_valid)
         status, notes = ["ok"] * V, [""] * V
@@ -414,9 +451,102 @@ class MaskBuilder:
                     log.warning("masks: view %s is partial: %s", self.names[i], notes[i])
         if consensus and self.cfg.consensus_ratio > 0:
             self._consensus(ids, M, status, notes, missing, base_valid)
-        valid = base_valid * (~missing).float()
+        unsupported = torch.zeros_like(forearm)
+        if consensus and self.cfg.hull_ratio > 0:
+            # judged on every mask pixel but a missing hand's region, the forearm's included: the
+            # decision is kept while the forearm maps move with the hands
+            judged = self.inside * self.has_mask[:, None, None] * (~missing).float()
+            unsupported = self._hull_support(status, notes, judged, forearm)
+        valid = base_valid * (~missing).float() * (~unsupported).float()
         return ViewMasks(self.names, self.target, self.inside, valid, view_weight, status, notes,
-                         [float(x) for x in iou], forearm, missing)
+                         [float(x) for x in iou], forearm, missing, unsupported, self.cfg.contour_inner_px)
+
+    @torch.no_grad()
+    def _hull_support(self, status: list[str], notes: list[str], valid: torch.Tensor,
+                      forearm: torch.Tensor) -> torch.Tensor:
+        """Mask pixels (V,H,W) bool of the kept views (where ``valid``) that no other view's mask
+        supports (see MaskConf: visual-hull consistency with the calibrated, corrected cameras).
+        Every such pixel is ignored from then on and counted in the view's note; a view whose
+        unsupported pixels off the ``forearm`` map (the arm is ignored anyway; the other views
+        often show it cut at the sleeve) reach ``hull_min_pixels`` becomes partial."""
+        from fitting.geometry import projection_matrices
+        from fitting.losses import erode, offset_projections
+
+        cfg = self.cfg
+        out = torch.zeros(valid.shape, dtype=torch.bool, device=valid.device)
+        voters = [i for i in range(len(self.names)) if status[i] != "dropped" and float(self.has_mask[i]) > 0]
+        if len(voters) < 4:
+            return out
+        _, scene = self._last
+        P = torch.as_tensor(projection_matrices(self.cameras), dtype=torch.float64)
+        P = offset_projections(P, None if self.offsets is None else self.offsets.detach().cpu().double())
+        verts = scene.verts.detach().cpu().double()
+        H, W = self.hw
+        tol = self._px(cfg.hull_tolerance_px)
+        grown = _dilate(self.target > 0.5, tol).cpu()
+        ok_map = (valid > 0.5).cpu()
+        inside = (self.inside > 0.5).cpu()
+        # a view whose mask stays clear of its image's border saw all of what it segmented: a
+        # point projecting off its image is not in its silhouette (a view cut to a box around its
+        # mask, as ham fits, keeps that knowledge); one whose mask reaches the border abstains there
+        rim = inside & ~erode(inside)
+        whole = ~((self.target.cpu() > 0.5) & rim).flatten(1).any(1)
+        for i in voters:
+            m = (self.target[i] > 0.5).cpu() & ok_map[i]
+            yx = torch.nonzero(m)
+            if len(yx) == 0:
+                continue
+            Pi = P[i]
+            Minv = torch.linalg.inv(Pi[:, :3])
+            centre = -(Minv @ Pi[:, 3])
+            pix = torch.stack([yx[:, 1] + 0.5, yx[:, 0] + 0.5, torch.ones(len(yx))], 1).double()
+            d = pix @ Minv.T
+            d = d / d.norm(dim=1, keepdim=True)
+            r = (verts - centre).norm(dim=1)
+            ts = torch.linspace(max(float(r.min()) - cfg.hull_depth_margin, 1e-3),
+                                float(r.max()) + cfg.hull_depth_margin, cfg.hull_samples, dtype=torch.float64)
+            supported = torch.zeros(len(yx), dtype=torch.bool)
+            chunk = max(1, 400_000 // cfg.hull_samples)
+            for k in range(0, len(yx), chunk):
+                X = centre + d[k:k + chunk, None, :] * ts[None, :, None]  # (N,T,3) points on the rays
+                Xh = torch.cat([X, torch.ones(X.shape[:2] + (1,), dtype=X.dtype)], -1)
+                votes = torch.zeros(X.shape[:2])
+                seen = torch.zeros(X.shape[:2])
+                for j in voters:
+                    if j == i:
+                        continue
+                    x = Xh @ P[j].T
+                    z = x[..., 2]
+                    uv = x[..., :2] / z.clamp_min(1e-9)[..., None]
+                    px, py = uv[..., 0].floor().long(), uv[..., 1].floor().long()
+                    inb = (z > 0) & (px >= 0) & (px < W) & (py >= 0) & (py < H)
+                    pyc, pxc = py.clamp(0, H - 1), px.clamp(0, W - 1)
+                    inb &= inside[j, pyc, pxc]
+                    hit = inb & grown[j, pyc, pxc]
+                    # a view abstains where its own mask is ignored (a missing hand's region)
+                    seen_j = inb & (hit | ok_map[j, pyc, pxc])
+                    if bool(whole[j]):
+                        seen_j |= (z > 0) & ~inb
+                    seen += seen_j.float()
+                    votes += hit.float()
+                supported[k:k + chunk] = ((seen >= 3) & (votes >= cfg.hull_ratio * seen)).any(1)
+            bad = yx[~supported]
+            if len(bad) == 0:
+                continue
+            out[i, bad[:, 0], bad[:, 1]] = True
+            n_arm = int(forearm[i].cpu()[bad[:, 0], bad[:, 1]].sum())
+            n = len(bad) - n_arm
+            notes[i] = (notes[i] + "; " if notes[i] else "") + (
+                f"{n} mask px off the forearm (and {n_arm} on it) that no other view's mask supports (visual hull: no "
+                f"point of their rays lies in the masks, grown by {cfg.hull_tolerance_px:g} px, of >= "
+                f"{cfg.hull_ratio:.0%} of the views that see it) are ignored")
+            if n >= cfg.hull_min_pixels:
+                if status[i] == "ok":
+                    status[i] = "partial"
+                log.warning("masks: view %s is partial: %s", self.names[i], notes[i])
+            else:
+                log.info("masks: view %s: %s", self.names[i], notes[i])
+        return out.to(valid.device)
 
     @torch.no_grad()
     def _consensus(self, ids: torch.Tensor, M: int, status: list[str], notes: list[str], missing: torch.Tensor,
@@ -488,8 +618,9 @@ def _iou(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> list[
 
 def iou_report(pred: torch.Tensor, vm: ViewMasks) -> dict[str, Any]:
     """IoU per view of a rendered coverage (V,H,W) against the masks three ways: ``iou`` over the
-    usable pixels (forearm and missing-hand regions excluded: what the fit is judged on),
-    ``iou_no_forearm`` (only the forearm excluded) and ``iou_raw`` (the given mask as it is); plus
+    usable pixels (forearm, missing-hand regions and mask pixels without visual-hull support
+    excluded: what the fit is judged on), ``iou_no_forearm`` (only the forearm excluded) and
+    ``iou_raw`` (the given mask as it is); plus
     each view's status and the mean IoU over the views that were not dropped."""
     inside = vm.inside
     raw = _iou(pred, vm.target, inside)

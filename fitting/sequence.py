@@ -7,10 +7,11 @@ one scan of one or more calibrated views. Per side and frame, the GCN predictor 
 keypoints of the frame's best view (most detected joints, then the largest hand) and places the
 hand by 2D-1D registration over every view of the frame that saw that side; the confidence head
 scores the prediction (``networks.confidence``). Then ``fitting.identity`` calibrates the shape
-(or takes it from ``identity.betas_file``), optionally refines it against the whole sequence
-(``identity.refine_iterations``), and ``fitting.tto`` refines every frame with it. Detections are
-taken with the labels they come with (a sequence does not run the multi-view label assignment of
-``pose_fit``). Consecutive positions in the range are temporal neighbours.
+(confidence-weighted and robust; the size component beta 0 from the plain mean through the GCN's
+size prior, ``fitting.identity.GCN_SIZE_PRIOR``) or takes it from ``identity.betas_file``,
+optionally refines it against the whole sequence (``identity.refine_iterations``), and
+``fitting.tto`` refines every frame with it. Detections are taken with the labels they come
+with (a sequence does not run the multi-view label assignment of ``pose_fit``). Consecutive positions in the range are temporal neighbours.
 
 Outputs under ``<out>``: ``frames/<scan_id>/hand_<side>.{obj,ply}`` and ``hand_params.json``
 (the TTO result), ``identity.json`` / ``identity.npz`` (the calibrated shape: pass it to later
@@ -32,7 +33,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from fitting.identity import Calibration, IdentityConf, calibrate, load_identity, resolve_path, save_identity
+from fitting.identity import GCN_SIZE_PRIOR, Calibration, IdentityConf, calibrate, load_identity, resolve_path, save_identity
 from fitting.tto import SequenceTargets, TTOConf, fit_sequence
 from handmodel.params import SIDES, HandParams
 
@@ -227,7 +228,7 @@ def process_scans(tree: Mapping[str, Any], scans: list[Any]) -> dict[str, SideRe
             cal = Calibration(betas=fixed[side].numpy(), plain_mean=init.betas.mean(0).numpy(), weights=uniform, prior_weights=uniform,
                               distances_mm=np.zeros(F), frames=frames.scan_ids, method=f"fixed from {icfg.betas_file}")
         else:
-            cal = calibrate(model, init.betas, score, icfg, frames.scan_ids)
+            cal = calibrate(model, init.betas, score, icfg, frames.scan_ids, size_prior=GCN_SIZE_PRIOR)
         betas = torch.as_tensor(cal.betas)
         t_cal = time.perf_counter() - t0
         targets = sequence_targets(frames, scans, side, scale, tcfg.weights.get("silhouette", 0.0) > 0)
@@ -331,6 +332,8 @@ def gt_metrics(model: Any, scans: list[Any], frames: SideFrames, side: str, init
         for key, err in (("shape_error_mm", shape_error_mm), ("shape_error_scale_aligned_mm", scale_aligned_shape_error_mm)):
             out[key] = {"per_frame_mean": float(np.mean([err(model, b, bt) for b in init.betas.numpy()])),
                         "plain_mean": err(model, cal.plain_mean, bt), "calibrated": err(model, calibrated, bt)}
+            if cal.betas_weighted is not None:
+                out[key]["weighted_without_size_prior"] = err(model, cal.betas_weighted, bt)
             if refined is not None:
                 out[key]["refined"] = err(model, refined.numpy(), bt)
     with torch.no_grad():

@@ -10,7 +10,10 @@ the predictor, with the predictor frozen, to RANK frames by their shape error (t
 error of the mean-pose mesh of the predicted vs the true betas), see ``scripts/train_confidence.py``
 and ``networks/data/TRAINING.md``. Higher score = better shape. A small regression term ties the
 score loosely to -log(shape error in mm), so that it has a scale; ``fitting.identity`` weights
-frames by ``softmax(score / temperature)``.
+frames by ``softmax(score / temperature)``. Not for the size, though: the shape error is mostly the
+size error, which one view cannot see, so the head learned to favour frames whose predicted size
+is near the predictor's usual one; weighting by it pulls a sequence's size there (``fitting.identity``
+takes beta 0 from the plain mean through ``GCN_SIZE_PRIOR`` instead).
 
 Left hands are described as the mirrored right hand they are for the predictor (pose, camera-frame
 orientation), so one head serves both sides.

@@ -13,7 +13,8 @@ import torch
 import handmodel
 from fitting import conf as C
 from fitting import metrics as M
-from fitting.identity import Calibration, IdentityConf, calibrate, load_identity, save_identity, shape_distances_mm, shape_error_mm
+from fitting.identity import (GCN_SIZE_PRIOR, Calibration, IdentityConf, calibrate, fit_size_prior, load_identity, save_identity,
+                              shape_distances_mm, shape_error_mm)
 from fitting.sequence import parse_scan_range
 from fitting.tto import SequenceTargets, TTOConf, fit_sequence, neighbour_pairs
 from handmodel.params import HandParams
@@ -65,6 +66,65 @@ def test_calibration_downweights_outlier_frames(right: handmodel.HandModel) -> N
     only_conf = calibrate(right, betas, conf, IdentityConf(robust="none"))
     assert only_conf.weights[20:22].sum() > 20 * cal.weights[20:22].sum()
     assert shape_error_mm(right, only_conf.betas, truth) > 5 * e_cal
+
+
+def _size_biased_sequences(rng: np.random.Generator, n: int, frames: int = 30) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(truth, per-frame betas, confidences) of ``n`` sequences from a predictor like the GCN
+    seen from one view: proportions (betas 1-9) right up to small noise; the size (beta 0) weakly
+    informed (half the true value), biased (+0.7), with a per-sequence and a large per-frame error;
+    confidences that prefer frames whose size is near the predictor's usual one."""
+    out = []
+    for _ in range(n):
+        truth = np.clip(rng.normal(size=10), -2.0, 2.0)
+        betas = truth + 0.1 * rng.normal(size=(frames, 10))
+        betas[:, 0] = 0.5 * truth[0] + 0.7 + 0.2 * rng.normal() + 0.8 * rng.normal(size=frames)
+        conf = -np.abs(betas[:, 0] - 0.7) + 0.1 * rng.normal(size=frames)
+        out.append((truth, betas, conf))
+    return out
+
+
+def test_size_prior_recovers_size_the_confidences_discard(right: handmodel.HandModel) -> None:
+    """Confidences that favour the usual size pull the weighted size to it; the size prior fitted on
+    training sequences (posterior mean of beta 0 given the plain mean) beats the weighted estimate
+    and the plain mean on held-out ones, and keeps the weighted proportions."""
+    rng = np.random.default_rng(TEST_SEED + 7)
+    train, test = _size_biased_sequences(rng, 300), _size_biased_sequences(rng, 100)
+    prior = fit_size_prior([b for _, b, _ in train], np.array([t for t, _, _ in train]))
+    # regression of the truth on the plain mean: cov / var = 0.5 * 0.88 / (0.25 * 0.88 + 0.04 + 0.64 / 30) ~ 1.57
+    assert 1.3 < prior.gain < 1.9 and -1.4 < prior.offset < -0.8, prior
+    errs = []
+    for truth, betas, conf in test:
+        cal = calibrate(right, betas, conf, IdentityConf(), size_prior=prior)
+        assert cal.betas_weighted is not None
+        np.testing.assert_allclose(cal.betas[1:], cal.betas_weighted[1:])
+        assert cal.betas[0] == pytest.approx(prior.gain * betas[:, 0].mean() + prior.offset, abs=1e-5)
+        errs.append([shape_error_mm(right, b, truth) for b in (cal.betas, cal.betas_weighted, cal.plain_mean)])
+    e_prior, e_weighted, e_plain = np.mean(errs, 0)
+    assert e_prior < 0.6 * e_weighted and e_prior < 0.7 * e_plain, (e_prior, e_weighted, e_plain)
+    with pytest.raises(ValueError, match="at least 3"):
+        fit_size_prior([np.zeros((4, 10))] * 2, np.zeros((2, 10)))
+
+
+def test_gcn_size_prior_corrects_the_predictors_size_on_held_out_sequences(predictor) -> None:
+    """The committed size prior with the committed GCN on one-view sequences no fit used: the plain
+    mean's beta 0 is biased (hands predicted small), the prior removes most of that bias and has a
+    smaller squared beta 0 error than the weighted robust estimate and the plain mean."""
+    from fitting.sequence import predict_side, side_frames
+
+    model = handmodel.load("builtin", "right")
+    d = []
+    for i in range(24):
+        side = "right" if i % 2 == 0 else "left"
+        seq = generate_sequence(30, 1, seed=TEST_SEED + 400 + i, sides=(side,))
+        frames = side_frames([seq.scan(f, str(f)) for f in range(30)], side)
+        init, _, score, _ = predict_side(frames, side, "", "")
+        cal = calibrate(model, init.betas, score, IdentityConf(), size_prior=GCN_SIZE_PRIOR)
+        t0 = seq.betas[side][0]
+        d.append([cal.betas[0] - t0, cal.betas_weighted[0] - t0, cal.plain_mean[0] - t0])
+    d = np.array(d)
+    bias, mse = d.mean(0), (d**2).mean(0)
+    assert bias[2] > 0.4 and abs(bias[0]) < 0.5 * bias[2], bias
+    assert mse[0] < 0.9 * mse[1] and mse[0] < 0.75 * mse[2], mse
 
 
 def test_shape_distances_are_vertex_distances(right: handmodel.HandModel) -> None:
