@@ -55,7 +55,7 @@ from renderer.ops import antialias, rasterize
 from renderer.shading import sh_shading, vertex_normals
 
 log = logging.getLogger("handrecon")
-TERMS = ("photometric", "feature_smooth")
+TERMS = ("photometric", "feature_smooth", "correction")
 # ham.weights terms phase 2 uses besides the photometric one
 GEOMETRY_TERMS = ("silhouette", "contour", "laplacian", "edge", "normal", "albedo_smooth", "displacement")
 
@@ -82,7 +82,8 @@ class NeuralConf:
     lr_displacement: float = 0.00002
     batch_pixels: int = 0
     mixed_precision: bool = True
-    weights: dict[str, float] = field(default_factory=lambda: {"photometric": 1.0, "feature_smooth": 0.01})
+    weights: dict[str, float] = field(default_factory=lambda: {"photometric": 1.0, "feature_smooth": 0.01,
+                                                                                  "correction": 1.0})
 
     @staticmethod
     def from_conf(conf: Mapping[str, Any] | None) -> "NeuralConf":
@@ -373,6 +374,14 @@ def _charbonnier(rgb_lin: torch.Tensor, photo: torch.Tensor, weight: torch.Tenso
     return (weight[:, None] * rho).sum() / (3.0 * weight.sum().clamp_min(1.0))
 
 
+def _correction(rgb_lin: torch.Tensor, lambertian: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted mean squared difference (sRGB) between the neural colour and the Lambertian one:
+    the renderer departs from HAM's shading only where the photos pay for it, so a view direction
+    no fitted view had gets little of a correction learnt for other directions."""
+    d = Lo.linear_to_srgb(rgb_lin) - Lo.linear_to_srgb(lambertian)
+    return ((d * d).sum(-1) * weight).sum() / (3.0 * weight.sum().clamp_min(1.0))
+
+
 def _feature_smooth(prob: Problem, net: NeuralRenderer) -> torch.Tensor:
     """Laplacian of the features per hand: vertices few views see borrow their neighbours'."""
     total = net.features.new_zeros(())
@@ -425,8 +434,10 @@ def train_appearance(prob: Problem, unk: Unknowns, net: NeuralRenderer, cfg: Neu
         if cfg.batch_pixels and net.spec.kind == "mlp" and cfg.batch_pixels < P:
             sel = torch.randint(0, P, (cfg.batch_pixels,), generator=gen).to(fr.index.device)
         rgb = shade_pixels(net, fr, x, cfg.mixed_precision, sel)
-        terms = {"photometric": _charbonnier(rgb, photo if sel is None else photo[sel],
-                                             weight if sel is None else weight[sel])}
+        wsel = weight if sel is None else weight[sel]
+        terms = {"photometric": _charbonnier(rgb, photo if sel is None else photo[sel], wsel)}
+        if w.get("correction", 0) > 0:
+            terms["correction"] = _correction(rgb, static.lambertian if sel is None else static.lambertian[sel], wsel)
         if w.get("feature_smooth", 0) > 0:
             terms["feature_smooth"] = _feature_smooth(prob, net)
         loss = sum(w.get(k, 0.0) * v for k, v in terms.items())
@@ -446,8 +457,9 @@ def train_geometry(prob: Problem, unk: Unknowns, net: NeuralRenderer, cfg: Neura
     w = {k: v for k, v in hcfg.weights.items() if k in GEOMETRY_TERMS and v > 0
          and not (prob.maskless and k in ("silhouette", "contour"))}
     w["photometric"] = cfg.weights["photometric"]
-    if cfg.weights.get("feature_smooth", 0) > 0:
-        w["feature_smooth"] = cfg.weights["feature_smooth"]
+    for k in ("feature_smooth", "correction"):
+        if cfg.weights.get(k, 0) > 0:
+            w[k] = cfg.weights[k]
     cams = [prob.cameras[i] for i in views]
     P = prob.P[views]
     for t in list(unk.fine.values()) + list(unk.albedo.values()):
@@ -468,14 +480,16 @@ def train_geometry(prob: Problem, unk: Unknowns, net: NeuralRenderer, cfg: Neura
         verts = [unk.vertices(h) for h in prob.hands]
         scene = prob.scene(verts)
         fr = make_frame(prob.ctx, scene, cams, prob.hw, prob.off(views), net.spec.multiple, cfg.crop_margin_px)
-        rgb = shade_pixels(net, fr, pixel_inputs(net, fr, scene.verts, scene.tri, prob.albedo(unk), unk.sh),
-                           cfg.mixed_precision)
+        x = pixel_inputs(net, fr, scene.verts, scene.tri, prob.albedo(unk), unk.sh)
+        rgb = shade_pixels(net, fr, x, cfg.mixed_precision)
         img, cov = image_of(fr, rgb, scene, prob.ctx, prob.topology)
         weight = prob.photo_weight[views] * ~Lo.back_facing(scene.verts, scene.tri, fr.rast, cams)
         terms = {"photometric": Lo.photometric_loss(img, prob.photo[views], weight)}
         terms.update(mask_terms(prob, scene, cov, fr.rast, views, P, contours, hcfg, w))
         if "feature_smooth" in w:
             terms["feature_smooth"] = _feature_smooth(prob, net)
+        if "correction" in w:
+            terms["correction"] = _correction(rgb, x.lambertian, weight.reshape(-1)[fr.index])
         terms.update(_regularisers(prob, unk, verts, w))
         loss = sum(w.get(k, 0.0) * v for k, v in terms.items())
         loss.backward()
