@@ -14,8 +14,9 @@ so that shape corrections of millimetres converge as fast as the fine detail. Tw
 then (a) once more on the final geometry (``iterations_final``), which costs little.
 
 Both hands are one scene (one rasterization; occlusion between them is right). Data terms:
-photometric (the antialiased render, converted to sRGB once at the loss, against the photo inside
-the usable masks), silhouette (antialiased coverage) and contour chamfer against the masks, with
+photometric (the antialiased render composited over the photo's inpainted background,
+``fitting.background``, converted to sRGB once at the loss, against the photo inside the usable
+masks, outline pixels included; pixels showing the inside of the open wrist left out), silhouette (antialiased coverage) and contour chamfer against the masks, with
 the mask handling of ``fitting.masks`` (forearm, broken views, missing hands). Regularisers:
 Laplacian of the displacements, relative edge length, normal consistency, albedo smoothness,
 displacement magnitude and lighting consistency. All weights, iterations and learning rates are
