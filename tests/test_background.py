@@ -9,6 +9,7 @@ from fitting import losses as Lo
 from fitting.background import dilate, estimate_background, inpaint_background, over_background, srgb_over_background
 from fitting.ham import box_down, render_views
 from renderer.shading import sh_ambient
+from synthetic import look_at
 
 
 def _gradient(V: int = 2, H: int = 40, W: int = 50) -> torch.Tensor:
@@ -75,12 +76,7 @@ def _open_tube(n: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _camera(pos: np.ndarray, size: int = 64) -> Camera:
     """A camera at ``pos`` looking at the origin."""
-    z = -pos / np.linalg.norm(pos)
-    up = np.array([0.0, 1.0, 0.0]) if abs(z[1]) < 0.9 else np.array([1.0, 0.0, 0.0])
-    x = np.cross(up, z)
-    x /= np.linalg.norm(x)
-    y = np.cross(z, x)
-    R = np.stack([x, y, z])
+    R = look_at(pos, np.zeros(3))
     K = np.array([[120.0, 0, size / 2], [0, 120.0, size / 2], [0, 0, 1]])
     return Camera(K, R, -R @ pos, size, size, "c")
 
