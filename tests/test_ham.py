@@ -189,6 +189,10 @@ def test_conf_rejects_bad_values():
         HAM.HamConf.from_conf({"ham": {"displacement": "along"}})
     with pytest.raises(ValueError, match="levels"):
         HAM.HamConf.from_conf({"ham": {"levels": 4}})
+    with pytest.raises(ValueError, match="inpaint or black"):
+        HAM.HamConf.from_conf({"ham": {"background": "photo"}})
+    with pytest.raises(ValueError, match="supersample"):
+        HAM.HamConf.from_conf({"ham": {"supersample": 0}})
 
 
 # -------------------------------------------------------------------------------------- exports
