@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (nvdiffrast when available)")
     ap.add_argument("--renderer", choices=("neural", "shaded"), default=None,
                     help="neural (neural.pt) or shaded (refined.npz); default: neural when the run has it")
+    ap.add_argument("--supersample", type=int, default=1,
+                    help="samples per pixel side, box-filtered (1 = one sample with antialiasing)")
     return ap.parse_args(argv)
 
 
@@ -71,7 +73,8 @@ def run_offsets(run: Path) -> dict[str, list[float]]:
 
 
 def render_run(run: Path, cameras: dict[str, Camera], device: str = "cpu",
-               offsets_px: dict[str, tuple[float, float]] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+               offsets_px: dict[str, tuple[float, float]] | None = None,
+               supersample: int = 1) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{view: (shaded sRGB (H,W,3) on black, coverage (H,W) in [0,1])} for each camera;
     ``offsets_px`` principal-point corrections in the cameras' own pixels, by view."""
     from fitting.ham import render_views
@@ -97,9 +100,9 @@ def render_run(run: Path, cameras: dict[str, Camera], device: str = "cpu",
         if any(n in offsets_px for n in group):
             off = torch.tensor([list(offsets_px.get(n, (0.0, 0.0))) for n in group], dtype=torch.float32,
                                device=ctx.device)
-        rv = render_views(ctx, verts, faces, albedo, sh.to(ctx.device), cams, hw, off)
-        for i, n in enumerate(group):
-            out[n] = (rv.shaded[i] * rv.coverage[i][..., None], rv.coverage[i])
+        rv = render_views(ctx, verts, faces, albedo, sh.to(ctx.device), cams, hw, off, supersample)
+        for i, n in enumerate(group):  # the render is on black already (antialiased edges included)
+            out[n] = (rv.shaded[i], rv.coverage[i])
     return out
 
 
@@ -112,7 +115,8 @@ def by_size(cameras: dict[str, Camera]) -> dict[tuple[int, int], list[str]]:
 
 
 def render_run_neural(run: Path, cameras: dict[str, Camera], device: str = "cpu",
-                      offsets_px: dict[str, tuple[float, float]] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                      offsets_px: dict[str, tuple[float, float]] | None = None,
+                      supersample: int = 1) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """As ``render_run`` with the neural stage's renderer (``<run>/neural.pt``)."""
     from export.neural import load_neural
     from fitting.neural import load_record, render_neural
@@ -124,7 +128,8 @@ def render_run_neural(run: Path, cameras: dict[str, Camera], device: str = "cpu"
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for hw, group in by_size(cameras).items():
         off = torch.tensor([list(offsets_px.get(n, (0.0, 0.0))) for n in group], dtype=torch.float32, device=ctx.device)
-        img, cov = render_neural(net, ctx, verts, faces, albedo, sh, [cameras[n] for n in group], hw, off)
+        img, cov = render_neural(net, ctx, verts, faces, albedo, sh, [cameras[n] for n in group], hw, off,
+                                 supersample=supersample)
         for i, n in enumerate(group):
             out[n] = (img[i], cov[i])
     return out
@@ -140,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.scale > 0:
         print(f"error: --scale must be positive, got {args.scale}", file=sys.stderr)
+        return 2
+    if not 1 <= args.supersample <= 8:
+        print(f"error: --supersample must be 1..8, got {args.supersample}", file=sys.stderr)
         return 2
     try:
         cams = read_camera_file(args.cameras, args.size)
@@ -157,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     offsets = {n: (o[0] * args.scale, o[1] * args.scale) for n, o in run_offsets(args.run).items() if n in cams}
     if args.scale != 1.0:
         cams = {n: c.scaled(args.scale) for n, c in cams.items()}
-    renders = (render_run_neural if renderer == "neural" else render_run)(args.run, cams, args.device, offsets)
+    renders = (render_run_neural if renderer == "neural" else render_run)(args.run, cams, args.device, offsets,
+                                                                           args.supersample)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, (img, cov) in renders.items():
         write_image(args.out / f"{name}.png", img)
