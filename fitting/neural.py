@@ -68,7 +68,7 @@ class NeuralConf:
     feature_dim: int = 8
     hidden: int = 64
     layers: int = 3
-    pe_frequencies: int = 4
+    pe_frequencies: int = 2
     unet_channels: int = 16
     unet_depth: int = 2
     crop_margin_px: int = 4
@@ -189,7 +189,9 @@ def pixel_inputs(net: NeuralRenderer, fr: Frame, verts: torch.Tensor, tri: torch
     nw = torch.nn.functional.normalize(nw, dim=-1, eps=1e-9)
     n_cam = torch.einsum("pij,pj->pi", fr.R[fr.view], nw)
     vdir = torch.nn.functional.normalize(X - fr.centres[fr.view], dim=-1, eps=1e-9)
-    return PixelInputs(feats, alb, lamb, n_cam, vdir, (nw * vdir).sum(-1, keepdim=True), px[:, C + 12:])
+    cos = (nw * vdir).sum(-1, keepdim=True)
+    reflection = vdir - 2.0 * cos * nw
+    return PixelInputs(feats, alb, lamb, n_cam, vdir, cos, px[:, C + 12:], reflection)
 
 
 def _autocast(device: torch.device, enabled: bool) -> Any:
@@ -232,7 +234,7 @@ def shade_pixels(net: NeuralRenderer, fr: Frame, x: PixelInputs, mixed: bool = F
 
 
 def _fields(x: PixelInputs) -> tuple[torch.Tensor | None, ...]:
-    return (x.features, x.albedo, x.lambertian, x.normal, x.view_dir, x.facing, x.confidence)
+    return (x.features, x.albedo, x.lambertian, x.normal, x.view_dir, x.facing, x.confidence, x.reflection)
 
 
 def image_of(fr: Frame, rgb: torch.Tensor, scene: Lo.Scene, ctx: Any, topology: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -429,7 +431,7 @@ def train_appearance(prob: Problem, unk: Unknowns, net: NeuralRenderer, cfg: Neu
         opt.zero_grad(set_to_none=True)
         feats = (net.features[fr.tri] * fr.bary[..., None]).sum(1)
         x = PixelInputs(feats, static.albedo, static.lambertian, static.normal, static.view_dir, static.facing,
-                        static.confidence)
+                        static.confidence, static.reflection)
         sel = None
         if cfg.batch_pixels and net.spec.kind == "mlp" and cfg.batch_pixels < P:
             sel = torch.randint(0, P, (cfg.batch_pixels,), generator=gen).to(fr.index.device)

@@ -43,7 +43,7 @@ class NeuralRendererSpec:
     feature_dim: int = 8  # learned channels per vertex
     hidden: int = 64  # mlp: hidden width
     layers: int = 3  # mlp: hidden layers
-    pe_frequencies: int = 4  # sin/cos octaves of the normal and view-direction encodings
+    pe_frequencies: int = 2  # sin/cos octaves of the normal, view-direction and reflection encodings
     unet_channels: int = 16  # unet: channels of the first level (doubled per level)
     unet_depth: int = 2  # unet: down-sampling levels
 
@@ -72,8 +72,9 @@ class NeuralRendererSpec:
 
     @property
     def input_channels(self) -> int:
-        # features, albedo, lambertian, normal, view direction, facing, their encodings
-        return self.feature_dim + 3 + 3 + 3 + 3 + 1 + (2 * 3 * 2 + 2) * self.pe_frequencies
+        # features, albedo, lambertian, normal, view direction, facing, reflected view direction,
+        # their encodings
+        return self.feature_dim + 3 + 3 + 3 + 3 + 1 + 3 + (2 * 3 * 3 + 2) * self.pe_frequencies
 
     @property
     def multiple(self) -> int:
@@ -87,7 +88,11 @@ class PixelInputs:
     colour under the SH light), normal (3, unit, camera frame), view_dir (3, unit, world frame),
     facing (1, normal . view direction: a back face seen through an opening has it > 0 and the
     Lambertian model lights it as if seen from outside); confidence (1): the interpolated
-    ``NeuralRenderer.confidence`` (None = 1)."""
+    ``NeuralRenderer.confidence`` (None = 1); reflection (3, unit, world frame): the view direction
+    mirrored about the normal. Why the reflection: under distant lights a highlight is a function
+    of where the mirrored ray points in the world, the same for every camera, so what the fitted
+    views show of it carries to a new view (Ref-NeRF's parameterisation); in the camera frame it
+    would depend on the camera."""
 
     features: torch.Tensor
     albedo: torch.Tensor
@@ -96,6 +101,7 @@ class PixelInputs:
     view_dir: torch.Tensor
     facing: torch.Tensor  # (..., 1) cosine of the world normal and the view direction (< 0: front face)
     confidence: torch.Tensor | None = None  # (..., 1) in [0, 1]: how much of the correction to apply
+    reflection: torch.Tensor | None = None  # (..., 3) unit, world frame (None: from normal and view_dir)
 
 
 def positional_encoding(x: torch.Tensor, frequencies: int) -> torch.Tensor:
@@ -191,9 +197,10 @@ class NeuralRenderer(nn.Module):
     def encode(self, x: PixelInputs) -> torch.Tensor:
         """The head's input (..., C_in)."""
         f = self.spec.pe_frequencies
-        return torch.cat([x.features, x.albedo, x.lambertian, x.normal, x.view_dir, x.facing,
+        r = x.reflection if x.reflection is not None else torch.zeros_like(x.view_dir)
+        return torch.cat([x.features, x.albedo, x.lambertian, x.normal, x.view_dir, x.facing, r,
                           positional_encoding(x.normal, f), positional_encoding(x.view_dir, f),
-                          positional_encoding(x.facing, f)], -1)
+                          positional_encoding(x.facing, f), positional_encoding(r, f)], -1)
 
     def forward(self, x: PixelInputs) -> torch.Tensor:
         """Linear RGB (..., 3): the Lambertian colour L plus the head's correction
