@@ -54,11 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keypoints_only", action="store_true", help="no photos or masks (no rendering)")
     ap.add_argument("--texture_size", type=int, default=512, help="albedo texture size (pixels, square)")
     ap.add_argument("--supersample", type=int, default=2, help="render at this multiple of the size, then filter")
+    ap.add_argument("--specular", type=float, default=0.0,
+                    help="skin sheen: Blinn-Phong highlights of the lights at this strength (0 = Lambertian)")
+    ap.add_argument("--shininess", type=float, default=30.0, help="Blinn-Phong exponent of --specular")
     args = ap.parse_args(argv)
     if args.views < 2:
         ap.error("--views must be at least 2")
     if args.texture_size < 16 or args.supersample < 1:
         ap.error("--texture_size must be >= 16 and --supersample >= 1")
+    if args.specular < 0 or args.shininess <= 0:
+        ap.error("--specular must be >= 0 and --shininess > 0")
     synth = synthetic.generate(
         views=args.views, size=args.size, seed=args.seed, sides=args.hands, noise_px=args.noise_px,
         miss_rate=args.miss_rate, hand_miss_rate=args.hand_miss_rate, swap_rate=args.swap_rate,
@@ -71,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.keypoints_only:
         from synthetic.render import render_scan
 
-        render_scan(synth, seed=args.seed, texture_size=args.texture_size, supersample=args.supersample)
+        render_scan(synth, seed=args.seed, texture_size=args.texture_size, supersample=args.supersample,
+                    specular=args.specular, shininess=args.shininess)
     try:
         root = synthetic.write_synthetic(synth, args.out, args.scan_id, overwrite=args.overwrite)
     except ValueError as e:  # ScanError: the scan folder exists

@@ -88,6 +88,8 @@ class SceneAppearance:
     supersample: int
     texture_size: int
     seed: int
+    specular: float = 0.0  # Blinn-Phong sheen strength of the key and fill lights (0 = Lambertian)
+    shininess: float = 30.0
 
 
 # ---------------------------------------------------------------------------------------- hands
@@ -198,13 +200,19 @@ def dilate(img: np.ndarray, valid: np.ndarray, iterations: int) -> np.ndarray:
 
 # -------------------------------------------------------------------------------------- drawing
 def render_images(hands: Sequence[FineHand], cameras: Sequence[Camera], sh: np.ndarray, backgrounds: np.ndarray,
-                  supersample: int = 2, ctx: RenderContext | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  supersample: int = 2, ctx: RenderContext | None = None,
+                  sheen: tuple[float, float, list[tuple[np.ndarray, np.ndarray]]] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """sRGB photos (V,H,W,3) float32 in [0,1] and hand ids (V,H,W) int (-1 background, else the
     index into ``hands``) of the fine hands under ``sh`` (9,3) over ``backgrounds`` (V,H,W,3 sRGB).
 
     Shading is linear (texture albedo x SH irradiance; back faces, i.e. the inside of the open
     wrist, at a fifth of that), composited over the linearised background, antialiased and box-filtered from ``supersample`` x the resolution, then sRGB-encoded. Ids
-    are the coverage at the pixel centres at the image resolution (what the masks hold)."""
+    are the coverage at the pixel centres at the image resolution (what the masks hold).
+
+    ``sheen`` = (strength, shininess, [(direction towards the light, rgb), ...]) adds skin's
+    specular reflection of those lights (Blinn-Phong, untinted, front faces): a view-dependent
+    effect no Lambertian model shows, to test renderers that learn one."""
     ctx = ctx or make_context("cpu")
     W, H = cameras[0].width, cameras[0].height
     ss = int(supersample)
@@ -241,6 +249,9 @@ def render_images(hands: Sequence[FineHand], cameras: Sequence[Camera], sh: np.n
         bg = np.repeat(np.repeat(srgb_to_linear(backgrounds[vi]), ss, axis=0), ss, axis=1)
         colour = torch.as_tensor(bg[None], dtype=torch.float32).clone()
         colour[covered] = alb * shade * torch.where(back, 0.2, 1.0)[:, None]
+        if sheen is not None and sheen[0] > 0:
+            colour[covered] += highlights(n[covered], interpolate(verts, rast, tri, ctx=ctx)[0][covered], cam.center,
+                                          sheen) * (~back)[:, None]
         colour = antialias(colour, rast, pos, tri, ctx=ctx)[0].numpy()
         lin = colour.reshape(H, ss, W, ss, 3).mean(axis=(1, 3))
         images[vi] = linear_to_srgb(lin).astype(np.float32)
@@ -250,8 +261,25 @@ def render_images(hands: Sequence[FineHand], cameras: Sequence[Camera], sh: np.n
     return images, ids
 
 
+def highlights(normals: torch.Tensor, points: torch.Tensor, camera_centre: np.ndarray,
+               sheen: tuple[float, float, list[tuple[np.ndarray, np.ndarray]]]) -> torch.Tensor:
+    """Linear RGB (P,3) Blinn-Phong highlights at surface ``points`` (P,3) with ``normals`` seen
+    from ``camera_centre``: strength * rgb * max(n.h, 0)^shininess per light lighting the point."""
+    strength, shininess, lights = sheen
+    n = torch.nn.functional.normalize(normals, dim=-1, eps=1e-12)
+    to_cam = torch.nn.functional.normalize(torch.as_tensor(camera_centre, dtype=n.dtype) - points, dim=-1, eps=1e-12)
+    out = torch.zeros_like(n)
+    for direction, rgb in lights:
+        l = torch.as_tensor(np.asarray(direction) / np.linalg.norm(direction), dtype=n.dtype)
+        h = torch.nn.functional.normalize(to_cam + l, dim=-1, eps=1e-12)
+        lit = ((n * l).sum(-1, keepdim=True) > 0).to(n.dtype)
+        lobe = (n * h).sum(-1, keepdim=True).clamp_min(0.0) ** shininess
+        out = out + strength * lit * lobe * torch.as_tensor(np.asarray(rgb), dtype=n.dtype)
+    return out
+
+
 def render_scan(synth: Any, seed: int, levels: int = 2, texture_size: int = 512, supersample: int = 2,
-                ctx: RenderContext | None = None) -> SceneAppearance:
+                ctx: RenderContext | None = None, specular: float = 0.0, shininess: float = 30.0) -> SceneAppearance:
     """Give every view of ``synth.scan`` its photo and mask (both hands); returns the appearance
     truth and sets ``synth.appearance`` so ``write_synthetic`` stores it under ``gt/``."""
     import handmodel
@@ -273,13 +301,16 @@ def render_scan(synth: Any, seed: int, levels: int = 2, texture_size: int = 512,
         raise ValueError("render_scan needs cameras of one image size")
     backgrounds = np.stack([backdrop_image(backdrop, (W, H), vi, np.random.default_rng([int(seed), STREAM, vi]))
                             for vi in range(len(cams))])
-    images, ids = render_images(list(hands.values()), cams, lighting.sh, backgrounds, supersample, ctx)
+    sheen = (specular, shininess, [(lighting.key_direction, lighting.key_rgb), (lighting.fill_direction, lighting.fill_rgb)])
+    images, ids = render_images(list(hands.values()), cams, lighting.sh, backgrounds, supersample, ctx,
+                                sheen if specular > 0 else None)
     by_name = {v.name: v for v in synth.scan.views}
     for vi, cam in enumerate(cams):
         view = by_name[cam.name]
         view.image = images[vi]
         view.mask = ids[vi] >= 0
-    scene = SceneAppearance(hands, skin, lighting, backdrop, levels, supersample, texture_size, int(seed))
+    scene = SceneAppearance(hands, skin, lighting, backdrop, levels, supersample, texture_size, int(seed), specular,
+                            shininess)
     synth.appearance = scene
     return scene
 
@@ -307,6 +338,8 @@ def write_appearance(gt_dir: str | Path, scene: SceneAppearance) -> None:
         "backdrop": scene.backdrop.to_json(),
         "subdivision_levels": scene.levels,
         "supersample": scene.supersample,
+        "specular": {"strength": scene.specular, "shininess": scene.shininess,
+                     "model": "Blinn-Phong of the key and fill lights, untinted, front faces; 0 = Lambertian"},
         "seed": scene.seed,
         "hands": {},
     }

@@ -233,3 +233,16 @@ def test_embedded_demo_data_loads(repo_root: Path):
         assert v.image is not None and v.image.shape == (256, 320, 3) and v.mask is not None and v.mask.any()
     assert all(len(scan.gt.vertices[s]) > 16 * 1000 for s in scan.sides)  # the fine meshes
     assert sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) < 3.2e6
+
+
+def test_highlights_peak_at_the_mirror_direction_and_vanish_unlit():
+    from synthetic.render import highlights
+
+    light = np.array([0.0, 0.0, 1.0])  # towards the light: +z
+    cam = np.array([0.0, 0.0, 5.0])  # camera on the light's side
+    pts = torch.zeros(3, 3)
+    normals = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.6, 0.8], [0.0, 0.0, -1.0]])
+    out = highlights(normals, pts, cam, (0.15, 30.0, [(light, np.array([1.0, 0.5, 0.25]))]))
+    np.testing.assert_allclose(out[0].numpy(), [0.15, 0.075, 0.0375], rtol=1e-5)  # n = h: the full lobe
+    assert 0 < out[1, 0] < 0.01  # 37 degrees off: cos^30 of that is ~0.001
+    assert torch.all(out[2] == 0)  # facing away from the light
