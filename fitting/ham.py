@@ -84,6 +84,7 @@ class HamConf:
     # the outline pixels then model the photo's mix of hand and background, and count) or "black"
     # (outline pixels left out of the photometric terms)
     background: str = "inpaint"
+    photometric_eps: float = 0.05  # Charbonnier: quadratic below, linear above (losses.photometric_loss)
     weights: dict[str, float] = field(default_factory=lambda: {
         "photometric": 1.0, "silhouette": 1.0, "contour": 1.0, "laplacian": 0.5, "edge": 1.0, "normal": 0.1,
         "albedo_smooth": 0.02, "displacement": 0.001, "light": 0.01})
@@ -97,6 +98,8 @@ class HamConf:
             raise ValueError(f"ham.coarse_displacement must be none, normal or free, got {out.coarse_displacement!r}")
         if out.background not in ("inpaint", "black"):
             raise ValueError(f"ham.background must be inpaint or black, got {out.background!r}")
+        if not out.photometric_eps > 0:
+            raise ValueError(f"ham.photometric_eps must be > 0, got {out.photometric_eps}")
         if not 1 <= out.supersample <= 8:
             raise ValueError(f"ham.supersample must be 1..8, got {out.supersample}")
         if not 1 <= out.levels <= 3:
@@ -476,7 +479,8 @@ def optimize_appearance(prob: Problem, unk: Unknowns, cfg: HamConf, views: list[
         albedo = prob.albedo(unk) if train_albedo else prob.albedo(unk).detach()
         sh = prob.sh_for(unk, views)
         shaded = Lo.render_shaded(prob.ctx, scene, albedo, sh, cams, prob.hw, prob.topology, raster=(rast, pos))
-        terms = {"photometric": Lo.photometric_loss(prob.composite(shaded.image, shaded.coverage, views), photo, weight)}
+        terms = {"photometric": Lo.photometric_loss(prob.composite(shaded.image, shaded.coverage, views), photo, weight,
+                                                    eps=cfg.photometric_eps)}
         if train_albedo and "albedo_smooth" in w:
             terms["albedo_smooth"] = sum(Lo.laplacian_loss(unk.albedo[h.side], h.laplacian) for h in prob.hands)
         if "light" in w and unk.sh.ndim == 3 and not lighting_only:
@@ -525,7 +529,7 @@ def optimize_geometry(prob: Problem, unk: Unknowns, cfg: HamConf) -> dict[str, f
                                   offsets=prob.off(views))
         weight = prob.photo_weight[views] * ~Lo.back_facing(scene.verts, scene.tri, shaded.rast, cams)
         terms = {"photometric": Lo.photometric_loss(prob.composite(shaded.image, shaded.coverage, views),
-                                                    prob.photo[views], weight)}
+                                                    prob.photo[views], weight, eps=cfg.photometric_eps)}
         terms.update(mask_terms(prob, scene, shaded.coverage, shaded.rast, views, P, contours, cfg, w))
         terms.update(_regularisers(prob, unk, verts, w))
         loss = sum(w.get(k, 0.0) * v for k, v in terms.items())

@@ -486,7 +486,7 @@ def train_geometry(prob: Problem, unk: Unknowns, net: NeuralRenderer, cfg: Neura
         rgb = shade_pixels(net, fr, x, cfg.mixed_precision)
         img, cov = image_of(fr, rgb, scene, prob.ctx, prob.topology)
         weight = prob.photo_weight[views] * ~Lo.back_facing(scene.verts, scene.tri, fr.rast, cams)
-        terms = {"photometric": Lo.photometric_loss(img, prob.photo[views], weight)}
+        terms = {"photometric": Lo.photometric_loss(img, prob.photo[views], weight, eps=hcfg.photometric_eps)}
         terms.update(mask_terms(prob, scene, cov, fr.rast, views, P, contours, hcfg, w))
         if "feature_smooth" in w:
             terms["feature_smooth"] = _feature_smooth(prob, net)

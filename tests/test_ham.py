@@ -193,6 +193,8 @@ def test_conf_rejects_bad_values():
         HAM.HamConf.from_conf({"ham": {"background": "photo"}})
     with pytest.raises(ValueError, match="supersample"):
         HAM.HamConf.from_conf({"ham": {"supersample": 0}})
+    with pytest.raises(ValueError, match="photometric_eps"):
+        HAM.HamConf.from_conf({"ham": {"photometric_eps": 0.0}})
 
 
 # -------------------------------------------------------------------------------------- exports
