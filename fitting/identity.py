@@ -35,27 +35,14 @@ Motion: one view's keypoints are the same for a hand twice as big twice as far a
 the hand travels is not scaled with it — people move their wrists some centimetres whatever their
 hand's size (the synthetic sequences: keyframes 3 cm apart per axis). Registered in every frame
 with the predictor's own average hand (``fitting.sequence.wrist_track``), a big hand seems to
-travel less; :func:`motion_features` (log RMS excursion across the image) enter the size prior
-with the plain mean (``GCN_MOTION_SIZE_PRIOR``, used by ``fitting.sequence`` from
+travel less; :func:`motion_features` (log RMS excursion across the image and in depth) enter the
+size prior with the plain mean (``GCN_MOTION_SIZE_PRIOR``, used by ``fitting.sequence`` from
 ``MIN_MOTION_FRAMES`` frames on). The cue is weak — how far a hand travels varies far more between
-sequences than hand sizes do: even the TRUE track, scaled exactly by the size error, takes the
-validation correlation of beta 0 only from 0.333 to ~0.35 — and it is fitted to the synthetic
-motion, so refit it (``--fit-size-prior``) for other motion. Over the 100 evaluation sequences of
-``scripts/eval_identity.py``: 5.98 -> 5.84 mm (67 -> 66 % of the per-frame error), correlation
-with the true beta 0 0.38 -> 0.43.
-
-Where the size signal comes from: most of it is not the hand. The generator's detection noise,
-hallucination drift and outliers are fractions of a fixed 0.18 m hand at the true depth, so
-relative to the actual hand they grow as the hand shrinks (beta 0 up), and the GCN, trained on the
-same noise model, reads that as size: its per-frame beta 0 rises ~0.35 per log unit of noise, and
-the per-sequence slope on the true beta 0 is 0.14 on noisy frames against 0.04 on clean,
-unoccluded ones. With the noise scaled with the true hand instead (a diagnostic, the same seeds),
-the plain mean's correlation with the true beta 0 falls from 0.32-0.33 to 0.06-0.11 (2500
-sequences), and the excursion's cue stays (alone 0.13; gain unchanged); the excursion in depth,
-which does pick up the noise, is therefore left out. Real detectors' noise follows the hand in the
-image, so expect the size prior to know far less on real captures. The generator leaks the size
-in one more way nothing here uses: the world origin sits at the middle of the wrist's motion, so
-the camera's distance from it is a distance in metres (correlation ~0.69 with beta 0).
+sequences than hand sizes do: even the TRUE track, scaled exactly by the size error, adds little
+(validation correlation of beta 0 0.333 -> 0.36; the measured track gets 0.357) — and it is
+fitted to the synthetic motion, so refit it (``--fit-size-prior``) for other motion. Over the
+100 evaluation sequences of ``scripts/eval_identity.py``: 5.98 -> 5.84 mm (67 -> 66 % of the
+per-frame error), correlation with the true beta 0 0.38 -> 0.44.
 
 What one view leaves: with the true beta 0 the calibrated shape is ~1.35 mm off (~15 % of the
 per-frame error), so nearly all of the rest is the size. 60 % needs a size estimate correlated
@@ -63,10 +50,11 @@ per-frame error), so nearly all of the rest is the size. 60 % needs a size estim
 shape, or beta 0 alone, against every frame's keypoints (``refine_iterations``; on 60 training
 sequences beta 0 moves +0.3 on average through the acceleration term, 6.61 -> 7.1 mm, and without
 that term or de-biased 6.54-6.55: the keypoints' perspective says nothing about the size — a
-scene scaled about the camera centre projects the same — and their proportions too little),
-weighting frames by their detection quality (it lowers the correlation: the clean frames hold
-the least size signal, above), and regressions on all the per-frame outputs with the excursion
-(~0.37).
+scene scaled about the camera centre projects the same — and their proportions too little), and
+regressions on all the per-frame outputs with the excursion (~0.37). The synthetic generator does
+leak the size elsewhere — the world origin sits at the middle of the wrist's motion, so the
+camera's distance from it is a distance in metres (correlation ~0.69 with beta 0); its detection
+noise scales with a fixed 0.18 m hand — but real captures have neither, so neither is used.
 
 Optionally (``refine_iterations`` > 0) the estimate is then refined
 against every frame's keypoints at once (``fitting.tto.fit_sequence`` with the shape free and held
@@ -169,10 +157,10 @@ class SizePrior:
 # truth 0.32 (the weighted robust beta 0: 0.12), residual std of beta 0 0.92 (of the true beta 0: 0.97).
 GCN_SIZE_PRIOR = SizePrior(1.2866, -0.8890, "GCN, 2000 x 30-frame one-view sequences, seeds 600000+")
 # The same sequences with their motion_features (fitting.sequence.wrist_track, same script): correlation
-# of the posterior mean with the true beta 0 0.356 (residual std 0.916 -> 0.903); on 1000 validation
-# sequences (seeds 200000+) 0.340 against the plain mean's 0.333, shape error 5.84 -> 5.81 mm.
-GCN_MOTION_SIZE_PRIOR = SizePrior(1.2442, 1.5634, "GCN, 2000 x 30-frame one-view sequences, seeds 600000+, with the wrist's excursion",
-                                  (0.6258,), ((-4.4825, -3.3478),))
+# of the posterior mean with the true beta 0 0.364 (1000 validation sequences, seeds 200000+: 0.357
+# against the plain mean's 0.333), residual std 0.92 -> 0.91 (validation RMS 0.896 -> 0.889).
+GCN_MOTION_SIZE_PRIOR = SizePrior(1.0846, 2.2087, "GCN, 2000 x 30-frame one-view sequences, seeds 600000+, with the wrist's excursion",
+                                  (0.5991, 0.2645), ((-4.4825, -3.3478), (-3.1704, -1.7966)))
 SIZE_COMPONENT = 0  # beta 0: the size direction (a shape's least-squares scale against the mean hand depends on it alone)
 
 
@@ -200,19 +188,17 @@ MOTION_FLOOR_M = 1e-4  # RMS excursions below a tenth of a millimetre count as t
 
 
 def motion_features(track: np.ndarray) -> np.ndarray:
-    """(1,) log RMS excursion (metres, per axis) across the image of a wrist track (F,3) in a
-    camera's frame, about its mean. Registered with the predictor's own average hand (the plain
-    mean of its per-frame betas: ``fitting.sequence.wrist_track``), so a hand bigger than that
-    average seems to travel less: with motion whose extent in metres does not depend on the hand,
-    the excursion says something about the size that one view's keypoints cannot (they are the
-    same for a hand twice as big twice as far away). The excursion in depth is left out: it carries
-    the same cue but, from one view, mostly each frame's depth error, and on the synthetic
-    sequences that error grows with the detection noise relative to the hand — which the generator
-    ties to a fixed 0.18 m hand, not to the hand's size (see the module docstring)."""
+    """(2,) log RMS excursion (metres) of a wrist track (F,3) in a camera's frame about its mean:
+    across the image (x, y together, per axis) and in depth (z). Registered with the predictor's
+    own average hand (the plain mean of its per-frame betas: ``fitting.sequence.wrist_track``),
+    so a hand bigger than that average seems to travel less: with motion whose extent in metres
+    does not depend on the hand, the excursion says something about the size that one view's
+    keypoints cannot (they are the same for a hand twice as big twice as far away)."""
     x = np.asarray(track, np.float64).reshape(-1, 3)
     x = x - x.mean(0)
     lateral = np.sqrt((x[:, :2] ** 2).sum(1).mean() / 2.0)
-    return np.log(np.maximum([lateral], MOTION_FLOOR_M))
+    depth = np.sqrt((x[:, 2] ** 2).mean())
+    return np.log(np.maximum([lateral, depth], MOTION_FLOOR_M))
 
 
 @dataclass

@@ -44,7 +44,7 @@ log = logging.getLogger("handrecon")
 RANGE_RE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
 MIN_JOINTS = 6
 PREDICT_CHUNK = 256
-MIN_MOTION_FRAMES = 10  # fewer frames (or more than one view): the size prior without the wrist's excursion
+MIN_MOTION_FRAMES = 10  # fewer frames: the size prior without the wrist's excursion (too little motion to measure)
 
 
 def parse_scan_range(text: str | None) -> list[str] | None:
@@ -201,12 +201,11 @@ def wrist_track(model: Any, betas: np.ndarray | torch.Tensor, init: HandParams, 
 
 
 def size_prior_for(model: Any, init: HandParams, targets: SequenceTargets, frames: SideFrames, sigma_px: float = 6.0) -> tuple[Any, np.ndarray | None]:
-    """The GCN's size prior for these frames and what it takes besides the per-frame betas: for
-    one view and at least ``MIN_MOTION_FRAMES`` frames ``fitting.identity.GCN_MOTION_SIZE_PRIOR``
-    and the :func:`wrist_track`'s ``motion_features`` (registered with the plain mean of the
-    per-frame betas), else ``GCN_SIZE_PRIOR`` and None (with two views the registration places
-    the hand in true metres whatever its assumed size, and the excursion says nothing of it)."""
-    if init.batch_size < MIN_MOTION_FRAMES or frames.views["uv"].shape[1] > 1:
+    """The GCN's size prior for these frames and what it takes besides the per-frame betas: with
+    at least ``MIN_MOTION_FRAMES`` frames ``fitting.identity.GCN_MOTION_SIZE_PRIOR`` and the
+    :func:`wrist_track`'s ``motion_features`` (registered with the plain mean of the per-frame
+    betas), else ``GCN_SIZE_PRIOR`` and None."""
+    if init.batch_size < MIN_MOTION_FRAMES:
         return GCN_SIZE_PRIOR, None
     return GCN_MOTION_SIZE_PRIOR, motion_features(wrist_track(model, init.betas.mean(0), init, targets, frames, sigma_px))
 

@@ -205,9 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(fit, indent=1))
         print(f"GCN_SIZE_PRIOR = SizePrior({fit['gain']:.4f}, {fit['offset']:.4f}, {fit['source']!r})")
         mp = fit["motion_prior"]
-        gains = tuple(round(g, 4) for g in mp["motion_gains"])
-        ranges = tuple((round(a, 4), round(b, 4)) for a, b in mp["motion_range"])
-        print(f"GCN_MOTION_SIZE_PRIOR = SizePrior({mp['gain']:.4f}, {mp['offset']:.4f}, {mp['source']!r},\n    {gains!r}, {ranges!r})")
+        print(f"GCN_MOTION_SIZE_PRIOR = SizePrior({mp['gain']:.4f}, {mp['offset']:.4f}, {mp['source']!r},\n"
+              f"    ({', '.join(f'{g:.4f}' for g in mp['motion_gains'])}), ({', '.join(f'({a:.3f}, {b:.3f})' for a, b in mp['motion_range'])}))")
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(fit, indent=1))
