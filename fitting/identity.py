@@ -31,31 +31,6 @@ calibrated shapes' scale-free error is ~1.45 mm (the mean hand's ~1.5): the prio
 size given them did not beat the calibrated size (6.12-6.22 mm against 6.14 on the confidence
 head's 100 validation sequences, whatever the assumed noise).
 
-Motion: one view's keypoints are the same for a hand twice as big twice as far away, but how far
-the hand travels is not scaled with it — people move their wrists some centimetres whatever their
-hand's size (the synthetic sequences: keyframes 3 cm apart per axis). Registered in every frame
-with the predictor's own average hand (``fitting.sequence.wrist_track``), a big hand seems to
-travel less; :func:`motion_features` (log RMS excursion across the image and in depth) enter the
-size prior with the plain mean (``GCN_MOTION_SIZE_PRIOR``, used by ``fitting.sequence`` from
-``MIN_MOTION_FRAMES`` frames on). The cue is weak — how far a hand travels varies far more between
-sequences than hand sizes do: even the TRUE track, scaled exactly by the size error, adds little
-(validation correlation of beta 0 0.333 -> 0.36; the measured track gets 0.357) — and it is
-fitted to the synthetic motion, so refit it (``--fit-size-prior``) for other motion. Over the
-100 evaluation sequences of ``scripts/eval_identity.py``: 5.98 -> 5.84 mm (67 -> 66 % of the
-per-frame error), correlation with the true beta 0 0.38 -> 0.44.
-
-What one view leaves: with the true beta 0 the calibrated shape is ~1.35 mm off (~15 % of the
-per-frame error), so nearly all of the rest is the size. 60 % needs a size estimate correlated
-~0.52 with the truth (simulated on 1000 training sequences); what did not get there: refining the
-shape, or beta 0 alone, against every frame's keypoints (``refine_iterations``; on 60 training
-sequences beta 0 moves +0.3 on average through the acceleration term, 6.61 -> 7.1 mm, and without
-that term or de-biased 6.54-6.55: the keypoints' perspective says nothing about the size — a
-scene scaled about the camera centre projects the same — and their proportions too little), and
-regressions on all the per-frame outputs with the excursion (~0.37). The synthetic generator does
-leak the size elsewhere — the world origin sits at the middle of the wrist's motion, so the
-camera's distance from it is a distance in metres (correlation ~0.69 with beta 0); its detection
-noise scales with a fixed 0.18 m hand — but real captures have neither, so neither is used.
-
 Optionally (``refine_iterations`` > 0) the estimate is then refined
 against every frame's keypoints at once (``fitting.tto.fit_sequence`` with the shape free and held
 to the estimate by ``refine_anchor``): with two or more calibrated views this recovers the hand's
@@ -121,34 +96,14 @@ class SizePrior:
     """Posterior mean of the size component (beta 0) of a person's shape given the plain mean
     ``m`` of a one-view predictor's per-frame beta 0: ``gain * m + offset`` (the linear
     regression of the true beta 0 on ``m`` over training sequences, :func:`fit_size_prior`).
-    Specific to the predictor that made the estimates: refit after retraining it.
-
-    With ``motion_gains`` it also takes the sequence's :func:`motion_features` (how far the
-    wrist travels, in metres of the predictor's own average hand): ``+ motion_gains . clip(features,
-    motion_range)`` — the clip keeps a still hand (or any motion unlike the training sequences')
-    from pushing the size beyond what the training sequences showed."""
+    Specific to the predictor that made the estimates: refit after retraining it."""
 
     gain: float
     offset: float
     source: str = ""
-    motion_gains: tuple[float, ...] = ()
-    motion_range: tuple[tuple[float, float], ...] = ()  # per feature (low, high): the training sequences' 1st..99th percentiles
 
-    @property
-    def uses_motion(self) -> bool:
-        return len(self.motion_gains) > 0
-
-    def __call__(self, mean_beta0: float, motion: np.ndarray | None = None) -> float:
-        out = self.gain * mean_beta0 + self.offset
-        if self.uses_motion:
-            if motion is None:
-                raise ValueError("this size prior needs the sequence's motion features (fitting.identity.motion_features)")
-            x = np.asarray(motion, np.float64).reshape(len(self.motion_gains))
-            if self.motion_range:
-                lo, hi = np.asarray(self.motion_range, np.float64).T
-                x = np.clip(x, lo, hi)
-            out += float(np.dot(self.motion_gains, x))
-        return float(out)
+    def __call__(self, mean_beta0: float) -> float:
+        return float(self.gain * mean_beta0 + self.offset)
 
 
 # The committed GCN (networks/data/gcn_weights.pt) on 2000 single-view 30-frame sequences of the
@@ -156,49 +111,19 @@ class SizePrior:
 # `scripts/eval_identity.py --fit-size-prior 2000`. Correlation of the plain-mean beta 0 with the
 # truth 0.32 (the weighted robust beta 0: 0.12), residual std of beta 0 0.92 (of the true beta 0: 0.97).
 GCN_SIZE_PRIOR = SizePrior(1.2866, -0.8890, "GCN, 2000 x 30-frame one-view sequences, seeds 600000+")
-# The same sequences with their motion_features (fitting.sequence.wrist_track, same script): correlation
-# of the posterior mean with the true beta 0 0.364 (1000 validation sequences, seeds 200000+: 0.357
-# against the plain mean's 0.333), residual std 0.92 -> 0.91 (validation RMS 0.896 -> 0.889).
-GCN_MOTION_SIZE_PRIOR = SizePrior(1.0846, 2.2087, "GCN, 2000 x 30-frame one-view sequences, seeds 600000+, with the wrist's excursion",
-                                  (0.5991, 0.2645), ((-4.4825, -3.3478), (-3.1704, -1.7966)))
 SIZE_COMPONENT = 0  # beta 0: the size direction (a shape's least-squares scale against the mean hand depends on it alone)
 
 
-def fit_size_prior(per_frame_betas: list[np.ndarray] | np.ndarray, betas_true: np.ndarray, source: str = "",
-                   motion: np.ndarray | None = None) -> SizePrior:
+def fit_size_prior(per_frame_betas: list[np.ndarray] | np.ndarray, betas_true: np.ndarray, source: str = "") -> SizePrior:
     """:class:`SizePrior` from sequences: ``per_frame_betas`` (one (F,10) array per sequence) and
     their true betas (S,10). Least squares of the true beta 0 on the plain mean of the per-frame
-    beta 0 (with an intercept) and, given ``motion`` (S,k) (:func:`motion_features` of each
-    sequence), on those too."""
+    beta 0 (with an intercept)."""
     m = np.array([np.asarray(b, np.float64).reshape(-1, NUM_BETAS)[:, SIZE_COMPONENT].mean() for b in per_frame_betas])
     t = np.asarray(betas_true, np.float64).reshape(len(m), -1)[:, SIZE_COMPONENT]
     if len(m) < 3 or np.ptp(m) <= 0:
         raise ValueError("fit_size_prior needs at least 3 sequences whose mean beta 0 differs")
-    if motion is None:
-        gain, offset = np.linalg.lstsq(np.c_[m, np.ones_like(m)], t, rcond=None)[0]
-        return SizePrior(float(gain), float(offset), source)
-    X = np.asarray(motion, np.float64).reshape(len(m), -1)
-    w = np.linalg.lstsq(np.c_[m, X, np.ones_like(m)], t, rcond=None)[0]
-    lo, hi = np.percentile(X, 1, axis=0), np.percentile(X, 99, axis=0)
-    return SizePrior(float(w[0]), float(w[-1]), source, tuple(float(g) for g in w[1:-1]),
-                     tuple((float(a), float(b)) for a, b in zip(lo, hi)))
-
-
-MOTION_FLOOR_M = 1e-4  # RMS excursions below a tenth of a millimetre count as this (logs of a still hand stay finite)
-
-
-def motion_features(track: np.ndarray) -> np.ndarray:
-    """(2,) log RMS excursion (metres) of a wrist track (F,3) in a camera's frame about its mean:
-    across the image (x, y together, per axis) and in depth (z). Registered with the predictor's
-    own average hand (the plain mean of its per-frame betas: ``fitting.sequence.wrist_track``),
-    so a hand bigger than that average seems to travel less: with motion whose extent in metres
-    does not depend on the hand, the excursion says something about the size that one view's
-    keypoints cannot (they are the same for a hand twice as big twice as far away)."""
-    x = np.asarray(track, np.float64).reshape(-1, 3)
-    x = x - x.mean(0)
-    lateral = np.sqrt((x[:, :2] ** 2).sum(1).mean() / 2.0)
-    depth = np.sqrt((x[:, 2] ** 2).mean())
-    return np.log(np.maximum([lateral, depth], MOTION_FLOOR_M))
+    gain, offset = np.linalg.lstsq(np.c_[m, np.ones_like(m)], t, rcond=None)[0]
+    return SizePrior(float(gain), float(offset), source)
 
 
 @dataclass
@@ -219,7 +144,6 @@ class Calibration:
     method: str = ""
     betas_before_refinement: np.ndarray | None = None  # the robust mean, when refined afterwards
     betas_weighted: np.ndarray | None = None  # the weighted robust estimate before the size prior set beta 0
-    motion: np.ndarray | None = None  # the motion_features the size prior took, if any
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -233,7 +157,6 @@ class Calibration:
             "confidence": None if self.confidence is None else self.confidence.round(5).tolist(),
             "betas_before_refinement": None if self.betas_before_refinement is None else self.betas_before_refinement.tolist(),
             "betas_weighted": None if self.betas_weighted is None else self.betas_weighted.tolist(),
-            "motion_features": None if self.motion is None else np.round(self.motion, 5).tolist(),
         }
 
 
@@ -286,12 +209,10 @@ def calibrate(
     cfg: IdentityConf | None = None,
     frames: list[str] | None = None,
     size_prior: SizePrior | None = None,
-    motion: np.ndarray | None = None,
 ) -> Calibration:
     """One shape from per-frame estimates ``betas`` (N,10) and confidence scores (N,) (higher =
     better; None = all equal). With ``size_prior`` beta 0 is its posterior mean given the plain
-    mean of the per-frame beta 0 (and ``motion``, the sequence's :func:`motion_features`, when the
-    prior takes them), the rest the weighted robust estimate. See the module docstring."""
+    mean of the per-frame beta 0, the rest the weighted robust estimate. See the module docstring."""
     cfg = cfg or IdentityConf()
     B = np.asarray(betas.detach().cpu() if isinstance(betas, torch.Tensor) else betas, np.float64).reshape(-1, NUM_BETAS)
     N = len(B)
@@ -331,9 +252,8 @@ def calibrate(
     if size_prior is not None:
         weighted = est.astype(np.float32)
         est = est.copy()
-        est[SIZE_COMPONENT] = size_prior(B[:, SIZE_COMPONENT].mean(), motion)
-        cue = "the plain mean and the wrist's excursion" if size_prior.uses_motion else "the plain mean"
-        method += f"; size (beta 0) from {cue} through the size prior ({size_prior.source or 'given'})"
+        est[SIZE_COMPONENT] = size_prior(B[:, SIZE_COMPONENT].mean())
+        method += f"; size (beta 0) from the plain mean through the size prior ({size_prior.source or 'given'})"
     return Calibration(
         betas=est.astype(np.float32),
         plain_mean=B.mean(0).astype(np.float32),
@@ -344,7 +264,6 @@ def calibrate(
         frames=list(frames or []),
         method=method,
         betas_weighted=weighted,
-        motion=None if size_prior is None or not size_prior.uses_motion else np.asarray(motion, np.float64).copy(),
     )
 
 
@@ -450,7 +369,6 @@ def run(scan: Any, state: Any, conf: Mapping[str, Any] | None) -> Any:
 
 
 __all__ = [
-    "GCN_MOTION_SIZE_PRIOR", "GCN_SIZE_PRIOR", "SIZE_COMPONENT", "Calibration", "IdentityConf", "SizePrior", "calibrate", "fit_size_prior", "load_identity",
-    "motion_features", "resolve_path", "run", "save_identity",
+    "GCN_SIZE_PRIOR", "SIZE_COMPONENT", "Calibration", "IdentityConf", "SizePrior", "calibrate", "fit_size_prior", "load_identity", "resolve_path", "run", "save_identity",
     "shape_distances_mm", "shape_error_mm", "shape_gram", "softmax_weights",
 ]

@@ -7,10 +7,8 @@ one scan of one or more calibrated views. Per side and frame, the GCN predictor 
 keypoints of the frame's best view (most detected joints, then the largest hand) and places the
 hand by 2D-1D registration over every view of the frame that saw that side; the confidence head
 scores the prediction (``networks.confidence``). Then ``fitting.identity`` calibrates the shape
-(confidence-weighted and robust; the size component beta 0 from the plain mean and, from
-``MIN_MOTION_FRAMES`` frames on, the wrist's excursion (:func:`wrist_track`) through the GCN's size
-prior, ``fitting.identity.GCN_MOTION_SIZE_PRIOR`` / ``GCN_SIZE_PRIOR``: :func:`size_prior_for`) or
-takes it from ``identity.betas_file``,
+(confidence-weighted and robust; the size component beta 0 from the plain mean through the GCN's
+size prior, ``fitting.identity.GCN_SIZE_PRIOR``) or takes it from ``identity.betas_file``,
 optionally refines it against the whole sequence (``identity.refine_iterations``), and
 ``fitting.tto`` refines every frame with it. Detections are taken with the labels they come
 with (a sequence does not run the multi-view label assignment of ``pose_fit``). Consecutive positions in the range are temporal neighbours.
@@ -35,8 +33,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from fitting.identity import (GCN_MOTION_SIZE_PRIOR, GCN_SIZE_PRIOR, Calibration, IdentityConf, calibrate, load_identity, motion_features, resolve_path,
-                              save_identity)
+from fitting.identity import GCN_SIZE_PRIOR, Calibration, IdentityConf, calibrate, load_identity, resolve_path, save_identity
 from fitting.tto import SequenceTargets, TTOConf, fit_sequence
 from handmodel.params import SIDES, HandParams
 
@@ -44,7 +41,6 @@ log = logging.getLogger("handrecon")
 RANGE_RE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
 MIN_JOINTS = 6
 PREDICT_CHUNK = 256
-MIN_MOTION_FRAMES = 10  # fewer frames: the size prior without the wrist's excursion (too little motion to measure)
 
 
 def parse_scan_range(text: str | None) -> list[str] | None:
@@ -183,33 +179,6 @@ def predict_side(frames: SideFrames, side: str, weights: str, confidence_path: s
     return cat, torch.cat(joints), (torch.cat(scores) if scores else None), time.perf_counter() - t0
 
 
-def wrist_track(model: Any, betas: np.ndarray | torch.Tensor, init: HandParams, targets: SequenceTargets, frames: SideFrames,
-                sigma_px: float = 6.0) -> np.ndarray:
-    """(F,3) wrist positions (metres) in the camera frame of the first frame's predicting view, of
-    the per-frame predicted poses with the shape ``betas`` (10,) in every frame, placed by the
-    closed-form registration (``fitting.tto.register_translations``, Cauchy scale 2 ``sigma_px``):
-    the track whose excursion ``fitting.identity.motion_features`` measures."""
-    from fitting.tto import register_translations
-
-    F = init.batch_size
-    b = torch.as_tensor(np.asarray(betas, np.float32)).reshape(1, -1).expand(F, -1)
-    p = HandParams(b, init.hand_pose.float(), init.global_orient.float(), init.transl.float())
-    T = register_translations(model, p, targets, sigma_px).float()
-    with torch.no_grad():
-        wrist = model(HandParams(b, p.hand_pose, p.global_orient, T)).joints[:, 0].double().numpy()
-    return wrist @ frames.R[0].double().numpy().T + frames.t[0].double().numpy()
-
-
-def size_prior_for(model: Any, init: HandParams, targets: SequenceTargets, frames: SideFrames, sigma_px: float = 6.0) -> tuple[Any, np.ndarray | None]:
-    """The GCN's size prior for these frames and what it takes besides the per-frame betas: with
-    at least ``MIN_MOTION_FRAMES`` frames ``fitting.identity.GCN_MOTION_SIZE_PRIOR`` and the
-    :func:`wrist_track`'s ``motion_features`` (registered with the plain mean of the per-frame
-    betas), else ``GCN_SIZE_PRIOR`` and None."""
-    if init.batch_size < MIN_MOTION_FRAMES:
-        return GCN_SIZE_PRIOR, None
-    return GCN_MOTION_SIZE_PRIOR, motion_features(wrist_track(model, init.betas.mean(0), init, targets, frames, sigma_px))
-
-
 # ------------------------------------------------------------------------------------ the run
 @dataclass
 class SideResult:
@@ -253,17 +222,16 @@ def process_scans(tree: Mapping[str, Any], scans: list[Any]) -> dict[str, SideRe
         model = handmodel.load("builtin", side)
         F = len(frames.positions)
         init, joints_raw, score, t_pred = predict_side(frames, side, weights, conf_path)
-        targets = sequence_targets(frames, scans, side, scale, tcfg.weights.get("silhouette", 0.0) > 0)
         t0 = time.perf_counter()
         if side in fixed:
             uniform = np.full(F, 1.0 / F)
             cal = Calibration(betas=fixed[side].numpy(), plain_mean=init.betas.mean(0).numpy(), weights=uniform, prior_weights=uniform,
                               distances_mm=np.zeros(F), frames=frames.scan_ids, method=f"fixed from {icfg.betas_file}")
         else:
-            prior, motion = size_prior_for(model, init, targets, frames, tcfg.reprojection_sigma)
-            cal = calibrate(model, init.betas, score, icfg, frames.scan_ids, size_prior=prior, motion=motion)
+            cal = calibrate(model, init.betas, score, icfg, frames.scan_ids, size_prior=GCN_SIZE_PRIOR)
         betas = torch.as_tensor(cal.betas)
         t_cal = time.perf_counter() - t0
+        targets = sequence_targets(frames, scans, side, scale, tcfg.weights.get("silhouette", 0.0) > 0)
         refined = None
         t_ref = 0.0
         if icfg.refine_iterations > 0 and side not in fixed:
@@ -419,5 +387,4 @@ def run_cli(conf: Any, data_path: Path, label: str, out: Path, overrides: list[s
     return 0
 
 
-__all__ = ["SideResult", "parse_scan_range", "predict_side", "process_scans", "run_cli", "run_sequence", "scale_aligned_shape_error_mm", "side_frames",
-           "sequence_targets", "size_prior_for", "wrist_track"]
+__all__ = ["SideResult", "parse_scan_range", "predict_side", "process_scans", "run_cli", "run_sequence", "scale_aligned_shape_error_mm", "side_frames", "sequence_targets"]

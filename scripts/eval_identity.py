@@ -8,8 +8,7 @@ Sequences: ``synthetic.sequence.generate_sequence`` (one person, smooth motion, 
 model), seeds 400000+i — never used by the confidence head's training (100000+), validation
 (200000+), the size prior's fit (600000+) or the tests (300000+). Each goes through the sequence
 pipeline's own functions (``fitting.sequence``: per-frame GCN prediction + confidence,
-``fitting.identity.calibrate`` with ``fitting.sequence.size_prior_for``'s size prior — from 10
-frames on ``GCN_MOTION_SIZE_PRIOR`` with the wrist's excursion —, ``fitting.tto.fit_sequence``) with
+``fitting.identity.calibrate`` with ``GCN_SIZE_PRIOR``, ``fitting.tto.fit_sequence``) with
 ``conf/identity.conf``'s settings.
 
 Figures (mean over sequences):
@@ -20,18 +19,15 @@ Figures (mean over sequences):
 - the same shape errors over ``--shape-sequences`` sequences (prediction + calibration only, cheap):
   one view cannot tell a hand's size from its distance, so the absolute shape error of a sequence
   depends much on how far its person's size (beta 0) lies from the mean, and 20 sequences give a
-  noisy ratio; with the size prior without the wrist's excursion beside it, the correlation of
-  each's beta 0 with the truth, and an oracle: the calibrated shape with the TRUE beta 0 (what a
-  perfect size cue would give; the rest is what one view leaves);
+  noisy ratio;
 - MPJPE / PA-MPJPE (mm) of the raw per-frame predictions vs after TTO;
 - time of calibration + TTO for a ``--timing-frames`` sequence on ``--threads`` CPU threads.
 Targets: calibrated <= 60 % of the mean per-frame shape error and below the plain mean; TTO
 MPJPE <= 70 % of the raw; timing <= 300 s.
 
 ``--fit-size-prior N`` instead predicts N training sequences (seeds 600000+i, sides alternating,
-the evaluation's generator and frame count) and prints the least-squares ``SizePrior``s
-(``fitting.identity.fit_size_prior``, without and with the wrist's excursion) to paste into
-``fitting.identity.GCN_SIZE_PRIOR`` and ``GCN_MOTION_SIZE_PRIOR``.
+the evaluation's generator and frame count) and prints the least-squares ``SizePrior``
+(``fitting.identity.fit_size_prior``) to paste into ``fitting.identity.GCN_SIZE_PRIOR``.
 """
 from __future__ import annotations
 
@@ -49,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import handmodel  # noqa: E402
 from fitting.conf import CONF_DIR, load_conf  # noqa: E402
-from fitting.identity import GCN_MOTION_SIZE_PRIOR, GCN_SIZE_PRIOR, IdentityConf, calibrate, fit_size_prior, motion_features, shape_error_mm  # noqa: E402
+from fitting.identity import GCN_SIZE_PRIOR, IdentityConf, calibrate, fit_size_prior, shape_error_mm  # noqa: E402
 from fitting.sequence import SideResult, process_scans, scale_aligned_shape_error_mm  # noqa: E402
 from synthetic.sequence import generate_sequence  # noqa: E402
 
@@ -69,12 +65,8 @@ def evaluate_sequence(tree, seed: int, frames: int, views: int, side: str) -> di
     model = handmodel.load("builtin", side)
     truth = seq.betas[side]
     icfg = IdentityConf.from_tree(tree)
-    motion = res.calibration.motion
-    prior = GCN_SIZE_PRIOR if motion is None else GCN_MOTION_SIZE_PRIOR
-    no_conf = calibrate(model, res.init.betas, None, icfg, size_prior=prior, motion=motion)
-    conf_only = calibrate(model, res.init.betas, res.score, IdentityConf(**{**icfg.__dict__, "robust": "none"}), size_prior=prior, motion=motion)
-    no_motion = calibrate(model, res.init.betas, res.score, icfg, size_prior=GCN_SIZE_PRIOR)
-    calibrated = res.calibration.betas if res.calibration.betas_before_refinement is None else res.calibration.betas_before_refinement
+    no_conf = calibrate(model, res.init.betas, None, icfg, size_prior=GCN_SIZE_PRIOR)
+    conf_only = calibrate(model, res.init.betas, res.score, IdentityConf(**{**icfg.__dict__, "robust": "none"}), size_prior=GCN_SIZE_PRIOR)
     out = {
         "shape_per_frame_mm": gt["shape_error_mm"]["per_frame_mean"],
         "shape_plain_mean_mm": gt["shape_error_mm"]["plain_mean"],
@@ -82,9 +74,6 @@ def evaluate_sequence(tree, seed: int, frames: int, views: int, side: str) -> di
         "shape_weighted_no_size_prior_mm": gt["shape_error_mm"]["weighted_without_size_prior"],
         "shape_robust_no_confidence_mm": shape_error_mm(model, no_conf.betas, truth),
         "shape_confidence_no_robust_mm": shape_error_mm(model, conf_only.betas, truth),
-        "shape_no_motion_mm": shape_error_mm(model, no_motion.betas, truth),
-        "shape_true_size_mm": shape_error_mm(model, _with_size(calibrated, truth), truth),
-        "beta0_true": float(truth[0]), "beta0_calibrated": float(calibrated[0]), "beta0_no_motion": float(no_motion.betas[0]),
         "shape_sa_per_frame_mm": gt["shape_error_scale_aligned_mm"]["per_frame_mean"],
         "shape_sa_plain_mean_mm": gt["shape_error_scale_aligned_mm"]["plain_mean"],
         "shape_sa_calibrated_mm": gt["shape_error_scale_aligned_mm"]["calibrated"],
@@ -107,18 +96,10 @@ def evaluate_sequence(tree, seed: int, frames: int, views: int, side: str) -> di
     return out
 
 
-def _with_size(betas: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """``betas`` with the true size (beta 0): the oracle of what a perfect size cue would give."""
-    out = np.array(betas, np.float32).copy()
-    out[0] = truth[0]
-    return out
-
-
 def shape_only(tree, seed: int, frames: int, views: int, side: str) -> dict[str, float]:
     """Prediction + calibration alone (no TTO) of one held-out sequence: its shape errors."""
     from fitting.identity import resolve_path
-    from fitting.sequence import predict_side, sequence_targets, side_frames, size_prior_for
-    from fitting.tto import TTOConf
+    from fitting.sequence import predict_side, side_frames
 
     seq = generate_sequence(frames, views, seed=seed, sides=(side,))
     scans = [seq.scan(f, str(f)) for f in range(frames)]
@@ -128,59 +109,40 @@ def shape_only(tree, seed: int, frames: int, views: int, side: str) -> dict[str,
     init, _, score, _ = predict_side(fr, side, str(tree["init"]["weights"]), conf_path)
     model = handmodel.load("builtin", side)
     truth = seq.betas[side]
-    targets = sequence_targets(fr, scans, side, float(tree["data"]["scale"]), False)
-    prior, motion = size_prior_for(model, init, targets, fr, TTOConf.from_tree(tree).reprojection_sigma)
-    cal = calibrate(model, init.betas, score, icfg, size_prior=prior, motion=motion)
-    no_motion = calibrate(model, init.betas, score, icfg, size_prior=GCN_SIZE_PRIOR)
+    cal = calibrate(model, init.betas, score, icfg, size_prior=GCN_SIZE_PRIOR)
     return {"shape_per_frame_mm": float(np.mean([shape_error_mm(model, b, truth) for b in init.betas.numpy()])),
             "shape_plain_mean_mm": shape_error_mm(model, cal.plain_mean, truth), "shape_calibrated_mm": shape_error_mm(model, cal.betas, truth),
             "shape_weighted_no_size_prior_mm": shape_error_mm(model, cal.betas_weighted, truth),
-            "shape_no_motion_mm": shape_error_mm(model, no_motion.betas, truth),
-            "shape_true_size_mm": shape_error_mm(model, _with_size(cal.betas, truth), truth),
-            "beta0_true": float(truth[0]), "beta0_calibrated": float(cal.betas[0]), "beta0_no_motion": float(no_motion.betas[0]),
             "shape_mean_hand_mm": shape_error_mm(model, np.zeros(10, np.float32), truth)}
 
 
 def fit_gcn_size_prior(tree, n: int, frames: int) -> dict[str, object]:
-    """Per-frame GCN betas and motion features of ``n`` training sequences (seeds
-    ``SIZE_PRIOR_SEED``+i, one view, sides alternating) -> ``fit_size_prior`` without and with the
-    motion features; also the correlations that motivate them."""
-    from fitting.identity import resolve_path
-    from fitting.sequence import predict_side, sequence_targets, side_frames, wrist_track
-    from fitting.tto import TTOConf
+    """Per-frame GCN betas of ``n`` training sequences (seeds ``SIZE_PRIOR_SEED``+i, one view,
+    sides alternating) -> ``fit_size_prior``; also the correlations that motivate it."""
+    from fitting.sequence import predict_side, side_frames
 
-    per_frame, truth, weighted, motion = [], [], [], []
+    per_frame, truth, weighted = [], [], []
+    model = handmodel.load("builtin", "right")
     icfg = IdentityConf.from_tree(tree)
-    sigma = TTOConf.from_tree(tree).reprojection_sigma
+    from fitting.identity import resolve_path
+
     conf_path = str(resolve_path(icfg.confidence_weights)) if icfg.confidence_weights else ""
     for i in range(n):
         side = "right" if i % 2 == 0 else "left"
-        model = handmodel.load("builtin", side)
         seq = generate_sequence(frames, 1, seed=SIZE_PRIOR_SEED + i, sides=(side,))
-        scans = [seq.scan(f, str(f)) for f in range(frames)]
-        fr = side_frames(scans, side)
+        fr = side_frames([seq.scan(f, str(f)) for f in range(frames)], side)
         init, _, score, _ = predict_side(fr, side, str(tree["init"]["weights"]), conf_path)
         per_frame.append(init.betas.numpy())
         truth.append(seq.betas[side])
         weighted.append(calibrate(model, init.betas, score, icfg).betas[0])
-        targets = sequence_targets(fr, scans, side, float(tree["data"]["scale"]), False)
-        motion.append(motion_features(wrist_track(model, init.betas.mean(0), init, targets, fr, sigma)))
-    truth, motion = np.asarray(truth, np.float64), np.asarray(motion)
-    src = f"GCN, {n} x {frames}-frame one-view sequences, seeds {SIZE_PRIOR_SEED}+"
-    prior = fit_size_prior(per_frame, truth, src)
-    mprior = fit_size_prior(per_frame, truth, src + ", with the wrist's excursion", motion)
+    truth = np.asarray(truth, np.float64)
+    prior = fit_size_prior(per_frame, truth, f"GCN, {n} x {frames}-frame one-view sequences, seeds {SIZE_PRIOR_SEED}+")
     mean0 = np.array([b[:, 0].mean() for b in per_frame])
-    est = np.array([prior(m) for m in mean0])
-    mest = np.array([mprior(m, x) for m, x in zip(mean0, motion)])
+    resid = truth[:, 0] - np.array([prior(m) for m in mean0])
     return {"gain": prior.gain, "offset": prior.offset, "source": prior.source, "sequences": n, "seeds": [SIZE_PRIOR_SEED, SIZE_PRIOR_SEED + n - 1],
             "corr_plain_mean_beta0": float(np.corrcoef(mean0, truth[:, 0])[0, 1]),
             "corr_weighted_beta0": float(np.corrcoef(weighted, truth[:, 0])[0, 1]),
-            "corr_motion_features": [float(np.corrcoef(x, truth[:, 0])[0, 1]) for x in motion.T],
-            "corr_with_motion": float(np.corrcoef(mest, truth[:, 0])[0, 1]),
-            "plain_mean_beta0_mean": float(mean0.mean()), "residual_std": float((truth[:, 0] - est).std()),
-            "residual_std_with_motion": float((truth[:, 0] - mest).std()), "truth_beta0_std": float(truth[:, 0].std()),
-            "motion_prior": {"gain": mprior.gain, "offset": mprior.offset, "motion_gains": list(mprior.motion_gains),
-                             "motion_range": [list(r) for r in mprior.motion_range], "source": mprior.source}}
+            "plain_mean_beta0_mean": float(mean0.mean()), "residual_std": float(resid.std()), "truth_beta0_std": float(truth[:, 0].std())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,9 +166,6 @@ def main(argv: list[str] | None = None) -> int:
         fit = fit_gcn_size_prior(tree, args.fit_size_prior, args.frames)
         print(json.dumps(fit, indent=1))
         print(f"GCN_SIZE_PRIOR = SizePrior({fit['gain']:.4f}, {fit['offset']:.4f}, {fit['source']!r})")
-        mp = fit["motion_prior"]
-        print(f"GCN_MOTION_SIZE_PRIOR = SizePrior({mp['gain']:.4f}, {mp['offset']:.4f}, {mp['source']!r},\n"
-              f"    ({', '.join(f'{g:.4f}' for g in mp['motion_gains'])}), ({', '.join(f'({a:.3f}, {b:.3f})' for a, b in mp['motion_range'])}))")
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(fit, indent=1))
@@ -251,19 +210,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.shape_sequences > args.sequences:
         # one view cannot tell a hand's size, so a sequence's shape error depends much on how far its
         # person's size is from the mean: 20 sequences give a noisy ratio, these many a steadier one
-        shape_rows = [{k: r[k] for k in ("shape_per_frame_mm", "shape_plain_mean_mm", "shape_calibrated_mm", "shape_weighted_no_size_prior_mm",
-                                         "shape_no_motion_mm", "shape_true_size_mm", "beta0_true", "beta0_calibrated", "beta0_no_motion")}
+        shape_rows = [{k: r[k] for k in ("shape_per_frame_mm", "shape_plain_mean_mm", "shape_calibrated_mm", "shape_weighted_no_size_prior_mm")}
                       for r in rows]
         for i in range(args.sequences, args.shape_sequences):
             shape_rows.append(shape_only(tree, EVAL_SEED + i, args.frames, args.views, "right" if i % 2 == 0 else "left"))
         sm = {k: float(np.mean([r[k] for r in shape_rows])) for k in shape_rows[0]}
         beats = float(np.mean([r["shape_calibrated_mm"] < r["shape_plain_mean_mm"] for r in shape_rows]))
         beats_w = float(np.mean([r["shape_weighted_no_size_prior_mm"] < r["shape_plain_mean_mm"] for r in shape_rows]))
-        col = lambda k: np.array([r[k] for r in shape_rows])  # noqa: E731
-        corr = {k: float(np.corrcoef(col("beta0_true"), col(k))[0, 1]) for k in ("beta0_calibrated", "beta0_no_motion")}
         figures["shape_many"] = {"sequences": args.shape_sequences, "seeds": [EVAL_SEED, EVAL_SEED + args.shape_sequences - 1], "mean": sm,
                                  "ratio": sm["shape_calibrated_mm"] / sm["shape_per_frame_mm"], "calibrated_beats_plain_mean_share": beats,
-                                 "weighted_without_size_prior_beats_plain_mean_share": beats_w, "beta0_corr_with_truth": corr}
+                                 "weighted_without_size_prior_beats_plain_mean_share": beats_w}
         extra = [r for r in shape_rows if "shape_mean_hand_mm" in r]
         hand = float(np.mean([r["shape_mean_hand_mm"] for r in extra])) if extra else float("nan")
         print(f"shape error mm over {args.shape_sequences} sequences (seeds {EVAL_SEED}..{EVAL_SEED + args.shape_sequences - 1}): per-frame "
@@ -272,12 +228,6 @@ def main(argv: list[str] | None = None) -> int:
               f"the mean hand (betas 0) {hand:.2f} on the {len(extra)} shape-only ones")
         print(f"  without the size prior (weighted robust beta 0): {sm['shape_weighted_no_size_prior_mm']:.2f} "
               f"({100 * sm['shape_weighted_no_size_prior_mm'] / sm['shape_per_frame_mm']:.0f} %; below the plain mean in {100 * beats_w:.0f} %)")
-        pc = lambda k: 100 * sm[k] / sm["shape_per_frame_mm"]  # noqa: E731
-        print(f"  size prior without the wrist's excursion: {sm['shape_no_motion_mm']:.2f} ({pc('shape_no_motion_mm'):.1f} %); calibrated "
-              f"{pc('shape_calibrated_mm'):.1f} %. Beta 0 correlation with the truth: calibrated {corr['beta0_calibrated']:.3f}, without the "
-              f"excursion {corr['beta0_no_motion']:.3f}")
-        print(f"  oracle, the calibrated shape with the TRUE beta 0: {sm['shape_true_size_mm']:.2f} ({pc('shape_true_size_mm'):.0f} %): "
-              f"what is left is the size one view cannot see")
     if args.timing_frames > 0:
         side = "right"
         seq = generate_sequence(args.timing_frames, args.views, seed=TIMING_SEED, sides=(side,))

@@ -13,8 +13,8 @@ import torch
 import handmodel
 from fitting import conf as C
 from fitting import metrics as M
-from fitting.identity import (GCN_MOTION_SIZE_PRIOR, GCN_SIZE_PRIOR, Calibration, IdentityConf, calibrate, fit_size_prior, load_identity,
-                              motion_features, save_identity, shape_distances_mm, shape_error_mm)
+from fitting.identity import (GCN_SIZE_PRIOR, Calibration, IdentityConf, calibrate, fit_size_prior, load_identity, save_identity,
+                              shape_distances_mm, shape_error_mm)
 from fitting.sequence import parse_scan_range
 from fitting.tto import SequenceTargets, TTOConf, fit_sequence, neighbour_pairs
 from handmodel.params import HandParams
@@ -103,42 +103,6 @@ def test_size_prior_recovers_size_the_confidences_discard(right: handmodel.HandM
     assert e_prior < 0.6 * e_weighted and e_prior < 0.7 * e_plain, (e_prior, e_weighted, e_plain)
     with pytest.raises(ValueError, match="at least 3"):
         fit_size_prior([np.zeros((4, 10))] * 2, np.zeros((2, 10)))
-
-
-def test_motion_features_and_the_motion_size_prior(right: handmodel.HandModel) -> None:
-    """The wrist's excursion: a track scaled by k shifts both features by log k wherever it lies,
-    a still one stays finite. A size prior fitted with an excursion that carries size beats the
-    one without it on held-out sequences, clips excursions beyond the training ones, and refuses
-    to run without them."""
-    rng = np.random.default_rng(TEST_SEED + 9)
-    track = rng.normal(0.0, 0.02, (30, 3)) + np.array([0.1, 0.0, 0.5])
-    f = motion_features(track)
-    np.testing.assert_allclose(motion_features(2.0 * (track - track.mean(0)) + 7.0), f + np.log(2.0), atol=1e-9)
-    assert np.isfinite(motion_features(np.zeros((5, 3)))).all()
-
-    def sequences(n: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-        truth = np.c_[rng.normal(size=n), np.zeros((n, 9))]
-        per_frame = [np.c_[0.5 * t + 0.6 * rng.normal() + 0.5 * rng.normal(size=(30, 1)), np.zeros((30, 9))] for t in truth[:, 0]]
-        motion = np.c_[-0.3 * truth[:, 0] + 0.3 * rng.normal(size=n), rng.normal(size=n)]  # a big hand seems to travel less
-        return per_frame, truth, motion
-
-    pf, truth, motion = sequences(400)
-    prior, plain = fit_size_prior(pf, truth, motion=motion), fit_size_prior(pf, truth)
-    assert prior.uses_motion and not plain.uses_motion
-    assert prior.motion_gains[0] < -0.5 and abs(prior.motion_gains[1]) < 0.2, prior
-    pf, truth, motion = sequences(200)
-    errs = []
-    for b, t, x in zip(pf, truth, motion):
-        cal, cal0 = calibrate(right, b, None, IdentityConf(), size_prior=prior, motion=x), calibrate(right, b, None, IdentityConf(), size_prior=plain)
-        np.testing.assert_allclose(cal.motion, x)
-        errs.append([(cal.betas[0] - t[0]) ** 2, (cal0.betas[0] - t[0]) ** 2])
-    mse, mse0 = np.mean(errs, 0)
-    assert mse < 0.85 * mse0, (mse, mse0)
-    hi = prior.motion_range[0][1]
-    assert prior(0.0, [hi + 10.0, 0.0]) == pytest.approx(prior(0.0, [hi, 0.0]))
-    with pytest.raises(ValueError, match="motion features"):
-        prior(0.0)
-    assert GCN_MOTION_SIZE_PRIOR.uses_motion and len(GCN_MOTION_SIZE_PRIOR.motion_range) == 2
 
 
 def test_gcn_size_prior_corrects_the_predictors_size_on_held_out_sequences(predictor) -> None:
@@ -353,8 +317,6 @@ def test_sequence_cli_end_to_end(tmp_path: Path) -> None:
     assert gt["mpjpe_mm"]["raw"] > 0 and gt["mpjpe_mm"]["tto"] > 0
     cal = load_identity(out / "identity.json")["right"]
     np.testing.assert_allclose(cal, rec["calibration"]["betas"], atol=1e-4)
-    # 4 frames are too few to measure the wrist's excursion: the size prior without it
-    assert json.loads((out / "identity.json").read_text())["hands"]["right"]["motion_features"] is None
     # a later run takes the calibrated shape instead of calibrating
     out2 = tmp_path / "out2"
     args2 = ["--conf", str(C.CONF_DIR / "identity.conf"), "--data_path", str(data), "--scan_id", "2-3", "--out", str(out2),
