@@ -2,9 +2,11 @@
 
 Input: the ``ham`` stage's refined hands (``state.refined``) and lighting (``state.lighting``).
 The renderer (``networks/neural_renderer.py``) reads per-vertex learned features and real
-per-pixel quantities (HAM albedo, the Lambertian colour under the mean SH of the fitted views,
-camera-space normal, view direction, their cosine, positional encodings) and outputs linear RGB
-as a learned correction of the Lambertian colour. One lighting for every view (the mean SH), so a
+per-pixel quantities (HAM albedo, the Lambertian colour under the mean SH of the fitted views;
+with ``neural.view_inputs`` also the camera-space normal, view direction, their cosine and
+positional encodings) and outputs linear RGB as a learned correction of the Lambertian colour plus
+highlights of learnt specular lobes at the reflected view direction (``neural.specular_lobes``,
+their own rate ``neural.lr_specular``). One lighting for every view (the mean SH), so a
 held-out camera gets exactly the inputs a fitted one does. The correction is scaled per vertex by
 a confidence (``observation_confidence``: how many fitted pixels saw the vertex, over
 ``neural.confidence_pixels``), so surface the fitted views hardly saw keeps the Lambertian colour
@@ -18,9 +20,10 @@ Phases (iterations and rates in the ``neural`` conf section):
    antialiased neural render over the photo's inpainted background (as ham), with ham's
    silhouette and contour terms and ham's regularisers (``fitting.ham._regularisers``, weights
    from ``ham.weights``).
-Both phases add ``neural.weights.correction`` x the squared departure of the neural colour from
-the Lambertian one: the network departs from HAM's shading only where the photos pay for it
-(without it, corrections learnt for the fitted view directions cost held-out views up to 1.6 dB).
+Both phases can add ``neural.weights.correction`` x the squared departure of the neural colour
+from the Lambertian one, so a head that sees the view departs from HAM's shading only where the
+photos pay for it (with view inputs and without it, corrections learnt for the fitted view
+directions cost held-out views up to 1.6 dB); 0 by default, where only the lobes see the view.
 
 Evaluation (``state.metrics["neural"]``): masked PSNR (= 20 log10(1/RMSE)) and SSIM of the
 neural render and of the HAM shaded render, on the fitted views (shaded with their own SH) and on
@@ -75,6 +78,8 @@ class NeuralConf:
     pe_frequencies: int = 2
     unet_channels: int = 16
     unet_depth: int = 2
+    specular_lobes: int = 8
+    view_inputs: bool = False
     crop_margin_px: int = 4
     subdivide: int = 0
     confidence_pixels: float = 2.0
@@ -82,12 +87,13 @@ class NeuralConf:
     iterations_geometry: int = 60
     lr_network: float = 0.003
     lr_features: float = 0.02
+    lr_specular: float = 0.1
     lr_albedo: float = 0.002
     lr_displacement: float = 0.00002
     batch_pixels: int = 0
     mixed_precision: bool = True
-    weights: dict[str, float] = field(default_factory=lambda: {"photometric": 1.0, "feature_smooth": 0.01,
-                                                                                  "correction": 1.0})
+    weights: dict[str, float] = field(default_factory=lambda: {"photometric": 1.0, "feature_smooth": 0.3,
+                                                                                  "correction": 0.0})
 
     @staticmethod
     def from_conf(conf: Mapping[str, Any] | None) -> "NeuralConf":
@@ -98,7 +104,7 @@ class NeuralConf:
         for name in ("iterations", "iterations_geometry", "batch_pixels", "crop_margin_px"):
             if getattr(out, name) < 0:
                 raise ValueError(f"neural.{name} must be >= 0, got {getattr(out, name)}")
-        for name in ("lr_network", "lr_features", "lr_albedo", "lr_displacement", "confidence_pixels"):
+        for name in ("lr_network", "lr_features", "lr_specular", "lr_albedo", "lr_displacement", "confidence_pixels"):
             if not getattr(out, name) >= 0:
                 raise ValueError(f"neural.{name} must be >= 0, got {getattr(out, name)}")
         if any(v < 0 for v in out.weights.values()):
@@ -107,7 +113,8 @@ class NeuralConf:
 
     def spec(self) -> NeuralRendererSpec:
         return NeuralRendererSpec(self.renderer, self.feature_dim, self.hidden, self.layers, self.pe_frequencies,
-                                  self.unet_channels, self.unet_depth).validate()
+                                  self.unet_channels, self.unet_depth, self.specular_lobes,
+                                  self.view_inputs).validate()
 
 
 # ------------------------------------------------------------------------------------ the raster
@@ -407,6 +414,10 @@ def observation_confidence(fr: Frame, weight: torch.Tensor, num_vertices: int, p
     return (count / pixels).clamp(0.0, 1.0)[:, None].float()
 
 
+def _specular_group(net: NeuralRenderer, cfg: NeuralConf) -> list[dict[str, Any]]:
+    return [{"params": net.specular_parameters(), "lr": cfg.lr_specular}] if net.lobe_axis is not None else []
+
+
 def train_appearance(prob: Problem, unk: Unknowns, net: NeuralRenderer, cfg: NeuralConf) -> dict[str, float]:
     """Phase 1: features and network on the interior pixels of the fitted views; one raster."""
     views = prob.kept
@@ -424,7 +435,8 @@ def train_appearance(prob: Problem, unk: Unknowns, net: NeuralRenderer, cfg: Neu
         net.confidence.copy_(observation_confidence(fr, weight, net.num_vertices, cfg.confidence_pixels))
         static = pixel_inputs(net, fr, verts, scene.tri, prob.albedo(unk).detach(), unk.sh)
     opt, sched = _adam([{"params": [net.features], "lr": cfg.lr_features},
-                        {"params": list(net.head.parameters()), "lr": cfg.lr_network}], cfg.iterations)
+                        {"params": list(net.head.parameters()), "lr": cfg.lr_network}, *_specular_group(net, cfg)],
+                       cfg.iterations)
     w = cfg.weights
     P = int(fr.index.shape[0])
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -471,7 +483,7 @@ def train_geometry(prob: Problem, unk: Unknowns, net: NeuralRenderer, cfg: Neura
     for t in list(unk.fine.values()) + list(unk.albedo.values()):
         t.requires_grad_(True)
     opt, sched = _adam([{"params": [net.features], "lr": cfg.lr_features},
-                        {"params": list(net.head.parameters()), "lr": cfg.lr_network},
+                        {"params": list(net.head.parameters()), "lr": cfg.lr_network}, *_specular_group(net, cfg),
                         {"params": list(unk.fine.values()), "lr": cfg.lr_displacement},
                         {"params": list(unk.albedo.values()), "lr": cfg.lr_albedo}], cfg.iterations_geometry)
     contours = prob.vm.contours(views, hcfg.contour_margin_px, hcfg.contour_points)
