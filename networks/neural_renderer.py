@@ -25,7 +25,7 @@ lobes fitted to the fitted views' highlights light a new view's surface correctl
 sees the camera's directions can instead learn each fitted view's look, which does not carry to a
 new camera (measured on a synthetic scan with skin sheen, 3 views held out: 29.2 dB with view
 inputs, 30.2 without). ``view_inputs`` stays available for captures whose cameras differ in
-ways the mean lighting does not hold (the real demo capture: 19.7 dB with, 19.1 without).
+ways the mean lighting does not hold (the real demo capture: 19.9 dB with, 18.6 without).
 
 Two heads (``NeuralRendererSpec.kind``):
 - ``mlp``: per pixel, inputs (..., C_in) of any leading shape (the stage passes only the covered
