@@ -317,7 +317,7 @@ def run(scan: Scan, state: State, conf: Mapping[str, Any] | None) -> State:
     losses_2 = train_geometry(prob, unk, net, cfg, hcfg)
 
     metrics: dict[str, Any] = {"renderer": cfg.renderer, "feature_dim": cfg.feature_dim,
-                               "parameters": int(sum(p.numel() for p in net.head.parameters())),
+                               "parameters": int(sum(p.numel() for p in [*net.head.parameters(), *net.specular_parameters()])),
                                "vertices": int(net.num_vertices), "losses": {"appearance": losses_1, "geometry": losses_2}}
     with torch.no_grad():
         disp = {h.side: unk.displacement(h) for h in hands}
