@@ -9,7 +9,8 @@ GPU install facts (what it takes to make ``import nvdiffrast.torch as dr`` work)
 - With torch cu13 builds, ``cusparse.h`` is found only if ``site-packages/nvidia/cu13/include``
   is on ``CPATH``.
 - The extension build directory (``torch.utils.cpp_extension._get_build_directory``) must be
-  on ``sys.path`` before first use, so the compiled ``nvdiffrast_plugin`` can be imported.
+  on ``sys.path`` before first use, so the compiled plugin can be imported (the fork names it
+  ``nvdiffrast_plugin_<version>_torch<version>``: ``plugin_names``).
 - ``TORCH_CUDA_ARCH_LIST=9.0`` for Hopper (H100/H200); otherwise the capability of device 0.
 
 ``prepare_build_env`` applies the last four (leaving values already set alone); ``load`` calls
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 from types import ModuleType
 
@@ -45,12 +47,24 @@ def prepare_build_env() -> None:
     try:
         from torch.utils.cpp_extension import _get_build_directory
 
-        for name in _PLUGIN_NAMES:
+        for name in plugin_names():
             build_dir = _get_build_directory(name, verbose=False)
             if build_dir not in sys.path:
                 sys.path.insert(0, build_dir)
     except Exception:  # the build dir helper is private API; the import below reports failures
         pass
+
+
+def plugin_names() -> list[str]:
+    """Module names the compiled plugin may have: upstream's plain ones, and the fork's
+    ``nvdiffrast_plugin_<version>_torch<version>[_gl]`` (non-word characters as ``_``)."""
+    names = list(_PLUGIN_NAMES)
+    try:
+        version = importlib.import_module("nvdiffrast").__version__
+    except Exception:  # not installed: the import in ``load`` reports it
+        return names
+    base = re.sub(r"\W|^(?=\d)", "_", f"nvdiffrast_plugin_{version}_torch{torch.__version__}")
+    return names + [base, base + "_gl"]
 
 
 def load() -> ModuleType | None:

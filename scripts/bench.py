@@ -197,7 +197,7 @@ def run_once(ctx, pos: torch.Tensor, tri: torch.Tensor, attr: torch.Tensor, res:
     (col, _), t_i = _timed(lambda: renderer.interpolate(a, rast_in, tri, ctx=ctx), dev)
     col_in = col.detach().requires_grad_(True)
     p_aa = p.detach().requires_grad_(True)
-    img, t_a = _timed(lambda: renderer.antialias(col_in, rast, p_aa, tri, topology_hash=topo, ctx=ctx), dev)
+    img, t_a = _timed(lambda: renderer.antialias(col_in, rast.detach(), p_aa, tri, topology_hash=topo, ctx=ctx), dev)
     grad_img = torch.ones_like(img)
     _, b_a = _timed(lambda: img.backward(grad_img), dev)
     _, b_i = _timed(lambda: col.backward(col_in.grad), dev)

@@ -3,6 +3,7 @@ antialiasing exactness, silhouette fitting, texture, and agreement with nvdiffra
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -357,8 +358,8 @@ def test_nvdiffrast_agreement():
     weight = torch.rand(len(cams), H, W, 3, generator=g)
 
     def run(ctx: R.RenderContext, device: str):
-        p = pos.to(device).requires_grad_(True)
-        a = attr.to(device).requires_grad_(True)
+        p = pos.detach().to(device).requires_grad_(True)
+        a = attr.detach().to(device).requires_grad_(True)
         t = tri.to(device)
         rast, _ = R.rasterize(ctx, p, t, (H, W))
         col, _ = R.interpolate(a, rast, t, ctx=ctx)
@@ -419,6 +420,16 @@ class _FakeDr:
         assert topology_hash == ("hash", tri.shape[0])
         _FakeDr.calls.append("antialias")
         return R.antialias(color, rast, pos, tri, pos_gradient_boost=pos_gradient_boost, ctx=CPU)
+
+
+def test_nvdiffrast_plugin_names_follow_the_fork(monkeypatch):
+    """The fork's compiled plugin is named after both versions; its build dir must be importable."""
+    import types
+    monkeypatch.setitem(sys.modules, "nvdiffrast", types.SimpleNamespace(__version__="0.3.3.1"))
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    names = nvdr.plugin_names()
+    assert "nvdiffrast_plugin_0_3_3_1_torch2_11_0_cu130" in names
+    assert "nvdiffrast_plugin_0_3_3_1_torch2_11_0_cu130_gl" in names and "nvdiffrast_plugin" in names
 
 
 def test_nvdiffrast_wrapper_plumbing(monkeypatch):
