@@ -84,12 +84,12 @@ class NeuralConf:
     subdivide: int = 0
     confidence_pixels: float = 2.0
     iterations: int = 600
-    iterations_geometry: int = 150
+    iterations_geometry: int = 60
     lr_network: float = 0.003
     lr_features: float = 0.02
     lr_specular: float = 0.1
     lr_albedo: float = 0.002
-    lr_displacement: float = 0.0001
+    lr_displacement: float = 0.00002
     batch_pixels: int = 0
     mixed_precision: bool = True
     weights: dict[str, float] = field(default_factory=lambda: {"photometric": 1.0, "feature_smooth": 0.3,
