@@ -341,9 +341,10 @@ _NVDR_REASON = "nvdiffrast agreement needs CUDA and nvdiffrast.torch: " + (nvdr.
 @pytest.mark.gpu
 @pytest.mark.skipif(_NO_NVDR, reason=_NVDR_REASON)
 def test_nvdiffrast_agreement():
-    """The same triangle on >= 98 % of covered pixels and a neighbour on the rest, attributes
-    within 1e-4 where the triangle is the same, and the same antialiased image and gradients
-    (w.r.t. positions and attributes) up to edge pixels."""
+    """The same triangle on >= 98 % of covered pixels and a neighbouring one on all but 0.1 %
+    (a fold of the silhouette where two layers meet in depth), attributes within 1e-4 where the
+    triangle is the same, and the same antialiased image and gradients (w.r.t. positions and
+    attributes) up to edge pixels. Thresholds from an H100: 98.95 %, 0.01 %, 0.99999 / 0.994."""
     import trimesh
 
     gpu = R.make_context("nvdiffrast")
@@ -382,7 +383,8 @@ def test_nvdiffrast_agreement():
     def cosine(x: torch.Tensor, y: torch.Tensor) -> float:
         return float((x * y).sum() / (x.norm() * y.norm()))
 
-    found = {"same_id": float(same.sum() / covered.sum()),              "attr_same_id": float((cc[same] - cg[same]).abs().max()),
+    found = {"same_id": float(same.sum() / covered.sum()),
+             "attr_same_id": float((cc[same] - cg[same]).abs().max()),
              "far": float((~neighbours).sum() / covered.sum()),
              "attr_neighbour": float((cc[both][neighbours] - cg[both][neighbours]).abs().max()) if neighbours.any() else 0.0,
              "image_1e-3": float(((ic - ig).abs().amax(-1) < 1e-3).float().mean()),
