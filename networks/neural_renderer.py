@@ -88,7 +88,9 @@ class NeuralRendererSpec:
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> "NeuralRendererSpec":
         known = {f.name: f.type for f in fields(NeuralRendererSpec)}
-        out = NeuralRendererSpec(specular_lobes=0)  # records from before the lobes have none
+        # keys a record lacks take what records written before the key meant: no lobes, and a head
+        # that sees the view (the stage's own default, NeuralConf.view_inputs, is false)
+        out = NeuralRendererSpec(specular_lobes=0, view_inputs=True)
         for k, v in d.items():
             if k not in known:
                 raise KeyError(f"neural renderer spec: unknown key {k!r}; known {sorted(known)}")
