@@ -266,3 +266,48 @@ def test_conf_rejects_unknown_terms_and_parameters():
         SilhouetteFitConf.from_conf({"silhouette_fit": {"weights": {"silhuette": 1.0}}})
     with pytest.raises(KeyError, match="unknown parameters"):
         SilhouetteFitConf.from_conf({"silhouette_fit": {"optimize": ["pose"]}})
+
+
+def test_trusted_masks_fade_the_keypoints_and_scale_the_priors():
+    from fitting.masks import ViewMasks
+    from fitting.silhouette_fit import SilhouetteFitConf, masks_trusted, term_scales
+
+    cfg = SilhouetteFitConf(iterations=100, keypoint_decay=0.3, trusted_prior_scale=0.1)
+    assert term_scales(0, cfg, trusted=False) == {}
+    s0, mid, end = (term_scales(i, cfg, trusted=True) for i in (0, 15, 30))
+    assert s0["keypoints3d"] == 1.0 and s0["reprojection"] == 1.0
+    assert abs(mid["keypoints3d"] - 0.5) < 1e-9 and end["reprojection"] < 1e-12
+    assert term_scales(99, cfg, trusted=True)["keypoints3d"] < 1e-12
+    assert s0["pose_prior"] == 0.1 and s0["shape_prior"] == 0.1 and "silhouette" not in s0
+    z = torch.zeros(2, 4, 4)
+    vm = ViewMasks(["00", "01"], z, z, z, torch.ones(2), status=["ok", "ok"])
+    assert masks_trusted(cfg, vm)[0]
+    vm.status = ["ok", "partial"]
+    trusted, why = masks_trusted(cfg, vm)
+    assert not trusted and "01 partial" in why
+    cfg.mask_trust = "always"
+    assert masks_trusted(cfg, vm)[0]
+    with pytest.raises(ValueError, match="mask_trust"):
+        SilhouetteFitConf.from_conf({"silhouette_fit": {"mask_trust": "sometimes"}})
+
+
+def test_trusted_masks_recover_the_hand_that_biased_keypoints_pull_away():
+    """Detections whose joints sit a few millimetres off the model's (as a detector's guesses do)
+    hold an untrusted fit off the true hand; trusting the clean masks lets the silhouettes decide."""
+    from fitting import silhouette_fit as SF
+
+    model, p, cams, masks, joints = hand_scene(n_views=5)
+    rng = np.random.default_rng(3)
+    biased = joints + rng.normal(0.0, 0.004, joints.shape)
+    errors = {}
+    for trust in ("never", "always"):
+        scan, st = scan_with(cams, masks, biased)
+        start = p.detach()
+        start.hand_pose = start.hand_pose + 0.1 * torch.randn(1, 15, 3, generator=torch.Generator().manual_seed(1))
+        st.params["right"] = start
+        st = SF.run(scan, st, conf(iterations=150, refine_cameras=False, mask_trust=trust))
+        assert st.metrics["silhouette_fit"]["masks_trusted"] == (trust == "always")
+        with torch.no_grad():
+            v1, vt = model.forward(st.params["right"]).vertices[0], model.forward(p).vertices[0]
+        errors[trust] = float(torch.linalg.norm(v1 - vt, dim=1).mean())
+    assert errors["always"] < 0.6 * errors["never"], errors
