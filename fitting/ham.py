@@ -11,7 +11,10 @@ so that shape corrections of millimetres converge as fast as the fine detail. Tw
 
 (a) albedo + lighting with the geometry fixed (the raster is computed once and reused);
 (b) geometry + albedo + lighting;
-then (a) once more on the final geometry (``iterations_final``), which costs little.
+then (a) once more on the final geometry (``iterations_final``), which costs little. Last, surface
+the fitted views saw over fewer than ``ham.albedo_fill_pixels`` pixels takes its albedo partly or
+wholly from the surface around it (``fill_unseen_albedo``): a per-vertex albedo fitted to a pixel
+or less at a grazing angle explains that pixel's misfit, not the skin, and a new camera sees it.
 
 Both hands are one scene (one rasterization; occlusion between them is right). Data terms:
 photometric (the antialiased render composited over the photo's inpainted background,
@@ -47,7 +50,7 @@ from fitting.masks import MaskBuilder, MaskConf, ViewMasks, iou_report, pad_stac
 from fitting.pose_fit import image_scale
 from fitting.silhouette_fit import camera_offsets, gt_errors
 from fitting.state import State
-from renderer.mesh_ops import apply_sparse, edge_lengths, face_adjacency, loop_subdivide, mesh_edges, uniform_laplacian
+from renderer.mesh_ops import apply_sparse, confidence_fill, edge_lengths, face_adjacency, loop_subdivide, mesh_edges, uniform_laplacian
 from renderer.ops import antialias_construct_topology_hash, rasterize
 from renderer.shading import sh_ambient, vertex_normals
 
@@ -85,6 +88,10 @@ class HamConf:
     # (outline pixels left out of the photometric terms)
     background: str = "inpaint"
     photometric_eps: float = 0.05  # Charbonnier: quadratic below, linear above (losses.photometric_loss)
+    # a vertex's fitted albedo is kept in full once the fitted views saw it over this many pixels
+    # (barycentric share) and less below, the rest from the surface around it (fill_unseen_albedo);
+    # 0 = keep every fitted albedo
+    albedo_fill_pixels: float = 3.0
     weights: dict[str, float] = field(default_factory=lambda: {
         "photometric": 1.0, "silhouette": 1.0, "contour": 1.0, "laplacian": 0.5, "edge": 1.0, "normal": 0.1,
         "albedo_smooth": 0.02, "displacement": 0.001, "light": 0.01})
@@ -98,6 +105,8 @@ class HamConf:
             raise ValueError(f"ham.coarse_displacement must be none, normal or free, got {out.coarse_displacement!r}")
         if out.background not in ("inpaint", "black"):
             raise ValueError(f"ham.background must be inpaint or black, got {out.background!r}")
+        if not out.albedo_fill_pixels >= 0:
+            raise ValueError(f"ham.albedo_fill_pixels must be >= 0, got {out.albedo_fill_pixels}")
         if not out.photometric_eps > 0:
             raise ValueError(f"ham.photometric_eps must be > 0, got {out.photometric_eps}")
         if not 1 <= out.supersample <= 8:
@@ -221,6 +230,7 @@ def run(scan: Scan, state: State, conf: Mapping[str, Any] | None) -> State:
     losses_b = optimize_geometry(prob, unk, cfg)
     # albedo and lighting once more on the final geometry (its raster reused: cheap)
     losses_c = optimize_appearance(prob, unk, cfg, prob.kept, cfg.iterations_final, "ham appearance (final)")
+    fill_unseen_albedo(prob, unk, cfg.albedo_fill_pixels)
     dropped = [i for i in range(prob.V) if i not in prob.kept]
     if dropped and cfg.sh_per_view:  # lighting of views without a usable mask, on the render's own coverage
         prob.use_render_coverage(unk, dropped)
@@ -542,6 +552,37 @@ def optimize_geometry(prob: Problem, unk: Unknowns, cfg: HamConf) -> dict[str, f
     _freeze(unk)
     prob.update_masks(unk)
     return {k: float(v.detach()) for k, v in terms.items()}
+
+
+@torch.no_grad()
+def seen_pixels(prob: Problem, unk: Unknowns) -> torch.Tensor:
+    """(N,) per vertex of the scene: the usable, front-facing pixels of the kept views it was
+    seen over (barycentric share, summed over the views)."""
+    views = prob.kept
+    cams = [prob.cameras[i] for i in views]
+    scene = prob.scene([unk.vertices(h) for h in prob.hands])
+    pos = Lo.clip_positions(scene.verts, cams, offsets=prob.off(views))
+    rast, _ = rasterize(prob.ctx, pos, scene.tri, prob.hw, grad_db=False)
+    weight = prob.photo_weight[views] * ~Lo.back_facing(scene.verts, scene.tri, rast, cams)
+    return Lo.vertex_pixel_share(rast, scene.tri, weight, scene.verts.shape[0])
+
+
+@torch.no_grad()
+def fill_unseen_albedo(prob: Problem, unk: Unknowns, pixels: float) -> None:
+    """Replace the albedo of surface the fitted views hardly saw by that of the surface around it.
+
+    Why: a vertex seen over a fraction of a pixel, at a grazing angle near an outline, gets an
+    albedo that explains that pixel's mix of shading error, backdrop and neighbouring surface
+    (blue and orange streaks on a palm the fitted views only skimmed), and a new camera that sees
+    the surface squarely shows them. Each vertex keeps its fitted albedo in proportion
+    min(1, seen pixels / ``pixels``) and takes the rest from its neighbours
+    (renderer.mesh_ops.confidence_fill)."""
+    if pixels <= 0 or not prob.kept:
+        return
+    seen = seen_pixels(prob, unk)
+    for h, o in zip(prob.hands, prob.vertex_offsets[:-1]):
+        conf = (seen[o:o + h.num_vertices] / pixels).clamp(0.0, 1.0)
+        unk.albedo[h.side] = confidence_fill(unk.albedo[h.side], conf, h.faces).clamp(0.0, 1.0)
 
 
 def mask_terms(prob: Problem, scene: Any, coverage: torch.Tensor, rast: torch.Tensor, views: list[int],

@@ -305,6 +305,22 @@ def render_shaded(ctx: "RenderContext", scene: Scene, albedo: torch.Tensor, sh: 
 
 
 @torch.no_grad()
+def barycentric_share(tri: torch.Tensor, bary: torch.Tensor, weight: torch.Tensor, num_vertices: int) -> torch.Tensor:
+    """(N,) per vertex: the pixels it was seen over, each pixel's ``weight`` split among the
+    corners of its triangle ``tri`` (P,3) by the barycentrics ``bary`` (P,3)."""
+    w = (bary.abs() * weight[:, None].to(bary.dtype)).reshape(-1)
+    return torch.zeros(num_vertices, device=bary.device, dtype=bary.dtype).index_add_(0, tri.long().reshape(-1), w)
+
+
+def vertex_pixel_share(rast: torch.Tensor, tri: torch.Tensor, weight: torch.Tensor, num_vertices: int) -> torch.Tensor:
+    """(N,) ``barycentric_share`` of a raster (V,H,W,4) over its pixels with ``weight`` (V,H,W) > 0."""
+    cov = (rast[..., 3] > 0) & (weight > 0)
+    flat = rast[cov]
+    t = tri.long()[flat[:, 3].long() - 1]
+    u, v = flat[:, 0:1], flat[:, 1:2]
+    return barycentric_share(t, torch.cat([u, v, 1.0 - u - v], 1), weight[cov], num_vertices)
+
+
 def back_facing(verts: torch.Tensor, tri: torch.Tensor, rast: torch.Tensor, cameras: Sequence[Camera]) -> torch.Tensor:
     """(V,H,W) bool: pixels whose visible triangle turns its back to the camera.
 

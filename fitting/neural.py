@@ -20,6 +20,10 @@ Phases (iterations and rates in the ``neural`` conf section):
    antialiased neural render over the photo's inpainted background (as ham), with ham's
    silhouette and contour terms and ham's regularisers (``fitting.ham._regularisers``, weights
    from ``ham.weights``).
+After phase 2 the albedo and the features of surface the fitted views saw over fewer than
+``neural.fill_pixels`` pixels are taken partly or wholly from the surface around it, as ham does
+for its albedo (``fill_unseen``): what the fitted views do not pin down is otherwise free to fit
+their noise and misregistration, which a held-out view then shows.
 Both phases can add ``neural.weights.correction`` x the squared departure of the neural colour
 from the Lambertian one, so a head that sees the view departs from HAM's shading only where the
 photos pay for it (with view inputs and without it, corrections learnt for the fitted view
@@ -49,7 +53,7 @@ from capture.scan import Scan
 from fitting import losses as Lo
 from fitting.conf import section_dataclass
 from fitting.background import estimate_background, srgb_over_background
-from fitting.ham import (HamConf, Problem, Unknowns, _adam, _regularisers, box_down, clamp_albedo, crop_views, mask_terms,
+from fitting.ham import (HamConf, Problem, Unknowns, _adam, _regularisers, box_down, clamp_albedo, crop_views, mask_terms, seen_pixels,
                          photo_metrics, plain_mesh, render_views)
 from fitting.masks import MaskBuilder, MaskConf, pad_stack
 from fitting.pipeline import progress
@@ -57,7 +61,7 @@ from fitting.pose_fit import image_scale
 from fitting.silhouette_fit import camera_offsets
 from fitting.state import State
 from networks.neural_renderer import NeuralRenderer, NeuralRendererSpec, PixelInputs
-from renderer.mesh_ops import apply_sparse, loop_subdivide
+from renderer.mesh_ops import apply_sparse, confidence_fill, loop_subdivide
 from renderer.ops import antialias, rasterize
 from renderer.shading import sh_shading, vertex_normals
 
@@ -83,6 +87,7 @@ class NeuralConf:
     crop_margin_px: int = 4
     subdivide: int = 0
     confidence_pixels: float = 2.0
+    fill_pixels: float = 3.0
     iterations: int = 600
     iterations_geometry: int = 60
     lr_network: float = 0.003
@@ -104,7 +109,7 @@ class NeuralConf:
         for name in ("iterations", "iterations_geometry", "batch_pixels", "crop_margin_px"):
             if getattr(out, name) < 0:
                 raise ValueError(f"neural.{name} must be >= 0, got {getattr(out, name)}")
-        for name in ("lr_network", "lr_features", "lr_specular", "lr_albedo", "lr_displacement", "confidence_pixels"):
+        for name in ("lr_network", "lr_features", "lr_specular", "lr_albedo", "lr_displacement", "confidence_pixels", "fill_pixels"):
             if not getattr(out, name) >= 0:
                 raise ValueError(f"neural.{name} must be >= 0, got {getattr(out, name)}")
         if any(v < 0 for v in out.weights.values()):
@@ -315,6 +320,7 @@ def run(scan: Scan, state: State, conf: Mapping[str, Any] | None) -> State:
 
     losses_1 = train_appearance(prob, unk, net, cfg)
     losses_2 = train_geometry(prob, unk, net, cfg, hcfg)
+    fill_unseen(prob, unk, net, cfg.fill_pixels)
 
     metrics: dict[str, Any] = {"renderer": cfg.renderer, "feature_dim": cfg.feature_dim,
                                "parameters": int(sum(p.numel() for p in [*net.head.parameters(), *net.specular_parameters()])),
@@ -409,9 +415,20 @@ def observation_confidence(fr: Frame, weight: torch.Tensor, num_vertices: int, p
     one view sees squarely gets ~1 per view; surface the fitted views hardly saw gets ~0."""
     if pixels <= 0:
         return torch.ones(num_vertices, 1, device=fr.bary.device)
-    w = (fr.bary.abs() * (weight > 0).to(fr.bary.dtype)[:, None]).reshape(-1)
-    count = torch.zeros(num_vertices, device=fr.bary.device, dtype=fr.bary.dtype).index_add_(0, fr.tri.reshape(-1), w)
+    count = Lo.barycentric_share(fr.tri, fr.bary, (weight > 0).float(), num_vertices)
     return (count / pixels).clamp(0.0, 1.0)[:, None].float()
+
+
+@torch.no_grad()
+def fill_unseen(prob: Problem, unk: Unknowns, net: NeuralRenderer, pixels: float) -> None:
+    """ham's fill_unseen_albedo for the albedo and the vertex features after phase 2."""
+    if pixels <= 0 or not prob.kept:
+        return
+    seen = seen_pixels(prob, unk)
+    for h, o in zip(prob.hands, prob.vertex_offsets[:-1]):
+        conf = (seen[o:o + h.num_vertices] / pixels).clamp(0.0, 1.0)
+        unk.albedo[h.side] = confidence_fill(unk.albedo[h.side], conf, h.faces).clamp(0.0, 1.0)
+        net.features[o:o + h.num_vertices] = confidence_fill(net.features[o:o + h.num_vertices], conf, h.faces)
 
 
 def _specular_group(net: NeuralRenderer, cfg: NeuralConf) -> list[dict[str, Any]]:

@@ -245,16 +245,37 @@ def edge_lengths(verts: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
 
 def uniform_laplacian(faces: torch.Tensor | np.ndarray, n_vertices: int) -> torch.Tensor:
     """Sparse (N, N) L = I - D^-1 A: (L x)_i = x_i - mean of x over i's neighbours."""
-    edges, _, _ = _edge_table(_faces_np(faces))
+    return _to_torch_sparse(_uniform_laplacian_sp(_faces_np(faces), n_vertices))
+
+
+def _uniform_laplacian_sp(f: np.ndarray, n_vertices: int) -> sp.coo_matrix:
+    edges, _, _ = _edge_table(f)
     r = np.concatenate([edges[:, 0], edges[:, 1]])
     c = np.concatenate([edges[:, 1], edges[:, 0]])
     deg = np.bincount(r, minlength=n_vertices).astype(np.float64)
     w = -1.0 / np.maximum(deg[r], 1.0)
     diag = (deg > 0).astype(np.float64)
-    L = sp.coo_matrix((np.concatenate([w, diag]), (np.concatenate([r, np.arange(n_vertices)]),
-                                                   np.concatenate([c, np.arange(n_vertices)]))),
-                      shape=(n_vertices, n_vertices))
-    return _to_torch_sparse(L)
+    return sp.coo_matrix((np.concatenate([w, diag]), (np.concatenate([r, np.arange(n_vertices)]),
+                                                      np.concatenate([c, np.arange(n_vertices)]))),
+                         shape=(n_vertices, n_vertices))
+
+
+def confidence_fill(values: torch.Tensor, confidence: torch.Tensor, faces: torch.Tensor | np.ndarray,
+                    floor: float = 1e-6) -> torch.Tensor:
+    """Per-vertex ``values`` (N,C) kept in proportion to ``confidence`` (N,) in [0, 1] and taken
+    from the neighbours for the rest: x_i = c_i v_i + (1 - c_i) mean_j x_j over i's neighbours, one
+    sparse solve. Confident vertices keep their value, unseen ones get the harmonic interpolation
+    of the surface around them (a membrane, no overshoot). ``floor`` keeps a wholly unseen
+    component at its own values."""
+    from scipy.sparse.linalg import spsolve
+
+    n = values.shape[0]
+    c = confidence.detach().double().cpu().numpy().reshape(-1).clip(floor, 1.0)
+    L = _uniform_laplacian_sp(_faces_np(faces), n).tocsr()
+    A = (sp.diags(c) + sp.diags(1.0 - c) @ L).tocsc()
+    rhs = c[:, None] * values.detach().double().cpu().numpy()
+    x = spsolve(A, rhs)
+    return torch.as_tensor(np.asarray(x).reshape(n, -1), dtype=values.dtype, device=values.device)
 
 
 def cotangent_laplacian(verts: torch.Tensor, faces: torch.Tensor, normalize: bool = False) -> torch.Tensor:

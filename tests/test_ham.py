@@ -15,6 +15,7 @@ from fitting import ham as HAM
 from fitting import losses as Lo
 from fitting.masks import MaskConf
 from fitting.state import State
+import renderer as R
 from renderer import make_context
 from renderer.mesh_ops import loop_subdivide
 from renderer.shading import vertex_normals
@@ -348,3 +349,54 @@ def test_bad_input_gets_a_clear_error(ham_run):
         from fitting import silhouette_fit as SF
 
         SF.run(scan, State(), conf)
+
+
+def test_surface_no_fitted_view_saw_takes_its_albedo_and_features_from_around_it():
+    """Six cameras above a hand never see its underside. Whatever albedo (and neural features)
+    the fit left there (here: blue garbage) is replaced by the surface around it, close to the
+    truth; vertices seen over many pixels keep theirs exactly. The seen-pixel count is the
+    barycentric share of the weighted pixels: it sums to their total weight."""
+    from fitting import neural as NR
+    from networks.neural_renderer import NeuralRenderer, NeuralRendererSpec
+
+    ctx = make_context("cpu")
+    model, p, faces, fine, albedo = _displaced_hand()
+    sh = torch.zeros(9, 3)
+    sh[0] = 2.6
+    cams = ring_cameras(6, (128, 112), fine.mean(0).numpy().astype(np.float64), dist=0.4, f=220.0, elevation=0.6)
+    images, masks = _photos(ctx, fine, faces, albedo, sh, cams, (112, 128))
+    scan = Scan([View(c.name, c, image=images[i], mask=masks[i]) for i, c in enumerate(cams)], sides=("right",))
+    prob = HAM.Problem(scan, [HAM.plain_mesh(fine, faces)], ctx, MaskConf(), 1.0, torch.device("cpu"))
+    unk = HAM.init_unknowns(prob, HAM.HamConf())
+
+    seen = HAM.seen_pixels(prob, unk)
+    with torch.no_grad():
+        scene = prob.scene([fine])
+        pos = Lo.clip_positions(scene.verts, cams)
+        rast, _ = R.rasterize(ctx, pos, scene.tri, prob.hw, grad_db=False)
+        weight = prob.photo_weight * ~Lo.back_facing(scene.verts, scene.tri, rast, cams)
+    assert abs(float(seen.sum()) - float((weight * (rast[..., 3] > 0)).sum())) < 1e-2 * float(seen.sum())
+
+    unseen, well_seen = seen < 0.01, seen > 3.0
+    assert int(unseen.sum()) > 200 and int(well_seen.sum()) > 200
+    garbage = torch.tensor([0.1, 0.2, 0.9])
+    unk.albedo["right"] = albedo.clone()
+    unk.albedo["right"][unseen] = garbage
+    spec = NeuralRendererSpec(feature_dim=3)
+    net = NeuralRenderer(len(fine), spec)
+    with torch.no_grad():
+        net.features.copy_(albedo)
+        net.features[unseen] = garbage
+    before = (unk.albedo["right"][unseen] - albedo[unseen]).abs().mean()
+    HAM.fill_unseen_albedo(prob, unk, 3.0)
+    after = (unk.albedo["right"][unseen] - albedo[unseen]).abs().mean()
+    assert before > 0.3 and after < 0.1 * before, (before, after)
+    assert torch.equal(unk.albedo["right"][well_seen], albedo[well_seen])
+    # the neural stage's fill does the same to its vertex features (and the albedo again)
+    NR.fill_unseen(prob, unk, net, 3.0)
+    assert (net.features[unseen] - albedo[unseen]).abs().mean() < 0.1 * before
+    assert torch.allclose(net.features[well_seen], albedo[well_seen])
+    # 0 keeps every fitted value
+    unk.albedo["right"][unseen] = garbage
+    HAM.fill_unseen_albedo(prob, unk, 0.0)
+    assert torch.equal(unk.albedo["right"][unseen], garbage.expand(int(unseen.sum()), 3))

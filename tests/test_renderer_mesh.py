@@ -133,6 +133,30 @@ def test_laplacians_vanish_inside_a_plane():
     assert M.apply_sparse(Ln, vj)[torch.as_tensor(interior)].abs().max() < 1e-8
 
 
+def test_confidence_fill_keeps_seen_values_and_fills_unseen_ones_from_around():
+    """Confident vertices keep their values; a patch nobody saw gets the harmonic interpolation of
+    its surroundings (a linear field exactly, on a regular grid), not its own garbage; partial
+    confidence blends the two by the stated equation."""
+    v, f, interior = _grid(9)
+    field = torch.stack([2.0 * v[:, 0] + 3.0 * v[:, 1], 1.0 - v[:, 1]], 1)
+    hole = ((v[:, :2] - 0.5).abs() < 0.3).all(1)  # a square patch of the unit square, away from its border
+    noisy = field.clone()
+    noisy[hole] = torch.tensor([5.0, -4.0], dtype=field.dtype)
+    conf = (~hole).to(field.dtype)
+    out = M.confidence_fill(noisy, conf, f)
+    assert out.dtype == noisy.dtype and out.shape == noisy.shape
+    assert (out[~hole] - noisy[~hole]).abs().max() < 1e-12
+    assert (out[hole] - field[hole]).abs().max() < 1e-3  # (the floor keeps 1e-6 of the garbage)
+    assert (noisy[hole] - field[hole]).abs().max() > 1.0
+    # half confidence: x_i = c_i v_i + (1 - c_i) * mean of x over the neighbours, at every vertex
+    c = torch.full((len(v),), 0.5, dtype=field.dtype)
+    c[0] = 1.0
+    x = M.confidence_fill(noisy, c, f)
+    L = M.uniform_laplacian(f, len(v)).double()
+    neighbour_mean = x - M.apply_sparse(L, x)
+    assert (x - (c[:, None] * noisy + (1 - c[:, None]) * neighbour_mean)).abs().max() < 1e-6
+
+
 def test_regularisers_and_geometry_helpers():
     v, f, _ = _grid(4)
     assert float(M.normal_consistency_loss(v, f)) < 1e-10
