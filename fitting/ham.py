@@ -91,7 +91,7 @@ class HamConf:
     # a vertex's fitted albedo is kept in full once the fitted views saw it over this many pixels
     # (barycentric share) and less below, the rest from the surface around it (fill_unseen_albedo);
     # 0 = keep every fitted albedo
-    albedo_fill_pixels: float = 3.0
+    albedo_fill_pixels: float = 1.0
     weights: dict[str, float] = field(default_factory=lambda: {
         "photometric": 1.0, "silhouette": 1.0, "contour": 1.0, "laplacian": 0.5, "edge": 1.0, "normal": 0.1,
         "albedo_smooth": 0.02, "displacement": 0.001, "light": 0.01})
