@@ -568,7 +568,7 @@ def seen_pixels(prob: Problem, unk: Unknowns) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fill_unseen_albedo(prob: Problem, unk: Unknowns, pixels: float) -> None:
+def fill_unseen_albedo(prob: Problem, unk: Unknowns, pixels: float) -> list[torch.Tensor] | None:
     """Replace the albedo of surface the fitted views hardly saw by that of the surface around it.
 
     Why: a vertex seen over a fraction of a pixel, at a grazing angle near an outline, gets an
@@ -576,13 +576,14 @@ def fill_unseen_albedo(prob: Problem, unk: Unknowns, pixels: float) -> None:
     (blue and orange streaks on a palm the fitted views only skimmed), and a new camera that sees
     the surface squarely shows them. Each vertex keeps its fitted albedo in proportion
     min(1, seen pixels / ``pixels``) and takes the rest from its neighbours
-    (renderer.mesh_ops.confidence_fill)."""
+    (renderer.mesh_ops.confidence_fill). Returns those per-hand confidences (None when off)."""
     if pixels <= 0 or not prob.kept:
-        return
+        return None
     seen = seen_pixels(prob, unk)
-    for h, o in zip(prob.hands, prob.vertex_offsets[:-1]):
-        conf = (seen[o:o + h.num_vertices] / pixels).clamp(0.0, 1.0)
+    confs = [(seen[o:o + h.num_vertices] / pixels).clamp(0.0, 1.0) for h, o in zip(prob.hands, prob.vertex_offsets[:-1])]
+    for h, conf in zip(prob.hands, confs):
         unk.albedo[h.side] = confidence_fill(unk.albedo[h.side], conf, h.faces).clamp(0.0, 1.0)
+    return confs
 
 
 def mask_terms(prob: Problem, scene: Any, coverage: torch.Tensor, rast: torch.Tensor, views: list[int],

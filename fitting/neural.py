@@ -53,7 +53,7 @@ from capture.scan import Scan
 from fitting import losses as Lo
 from fitting.conf import section_dataclass
 from fitting.background import estimate_background, srgb_over_background
-from fitting.ham import (HamConf, Problem, Unknowns, _adam, _regularisers, box_down, clamp_albedo, crop_views, mask_terms, seen_pixels,
+from fitting.ham import (HamConf, Problem, Unknowns, _adam, _regularisers, box_down, clamp_albedo, crop_views, mask_terms, fill_unseen_albedo,
                          photo_metrics, plain_mesh, render_views)
 from fitting.masks import MaskBuilder, MaskConf, pad_stack
 from fitting.pipeline import progress
@@ -421,13 +421,9 @@ def observation_confidence(fr: Frame, weight: torch.Tensor, num_vertices: int, p
 
 @torch.no_grad()
 def fill_unseen(prob: Problem, unk: Unknowns, net: NeuralRenderer, pixels: float) -> None:
-    """ham's fill_unseen_albedo for the albedo and the vertex features after phase 2."""
-    if pixels <= 0 or not prob.kept:
-        return
-    seen = seen_pixels(prob, unk)
-    for h, o in zip(prob.hands, prob.vertex_offsets[:-1]):
-        conf = (seen[o:o + h.num_vertices] / pixels).clamp(0.0, 1.0)
-        unk.albedo[h.side] = confidence_fill(unk.albedo[h.side], conf, h.faces).clamp(0.0, 1.0)
+    """ham's fill_unseen_albedo for the albedo, and with the same confidences for the features."""
+    confs = fill_unseen_albedo(prob, unk, pixels)
+    for h, o, conf in zip(prob.hands, prob.vertex_offsets[:-1], confs or []):
         net.features[o:o + h.num_vertices] = confidence_fill(net.features[o:o + h.num_vertices], conf, h.faces)
 
 
