@@ -196,6 +196,8 @@ def test_conf_rejects_bad_values():
         HAM.HamConf.from_conf({"ham": {"supersample": 0}})
     with pytest.raises(ValueError, match="photometric_eps"):
         HAM.HamConf.from_conf({"ham": {"photometric_eps": 0.0}})
+    with pytest.raises(ValueError, match="albedo_fill_pixels must be >= 0"):
+        HAM.HamConf.from_conf({"ham": {"albedo_fill_pixels": -1.0}})
 
 
 # -------------------------------------------------------------------------------------- exports

@@ -274,6 +274,8 @@ def test_bad_conf_and_input_are_errors(scene):
         NR.NeuralConf.from_conf({"neural": {"subdivide": 3}})
     with pytest.raises(ValueError, match="iterations must be >= 0"):
         NR.NeuralConf.from_conf({"neural": {"iterations": -1}})
+    with pytest.raises(ValueError, match="fill_pixels must be >= 0"):
+        NR.NeuralConf.from_conf({"neural": {"fill_pixels": -0.5}})
     with pytest.raises(KeyError, match="unknown key"):
         NeuralRendererSpec.from_dict({"kind": "mlp", "depth": 3})
     with pytest.raises(ValueError, match="needs the ham stage"):
