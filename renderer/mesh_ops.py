@@ -9,6 +9,7 @@ face f of level k becomes faces 4f..4f+3 of level k+1, corners in the parent's o
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -274,8 +275,11 @@ def confidence_fill(values: torch.Tensor, confidence: torch.Tensor, faces: torch
     L = _uniform_laplacian_sp(_faces_np(faces), n).tocsr()
     A = (sp.diags(c) + sp.diags(1.0 - c) @ L).tocsc()
     rhs = c[:, None] * values.detach().double().cpu().numpy()
-    x = spsolve(A, rhs)
-    return torch.as_tensor(np.asarray(x).reshape(n, -1), dtype=values.dtype, device=values.device)
+    x = np.asarray(spsolve(A, rhs)).reshape(n, -1)
+    if not np.isfinite(x).all():  # e.g. a non-finite input value: keep the values as they were
+        logging.getLogger(__name__).warning("confidence_fill: the solve gave non-finite values; values left unfilled")
+        return values.clone()
+    return torch.as_tensor(x, dtype=values.dtype, device=values.device)
 
 
 def cotangent_laplacian(verts: torch.Tensor, faces: torch.Tensor, normalize: bool = False) -> torch.Tensor:

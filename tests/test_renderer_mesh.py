@@ -155,6 +155,10 @@ def test_confidence_fill_keeps_seen_values_and_fills_unseen_ones_from_around():
     L = M.uniform_laplacian(f, len(v)).double()
     neighbour_mean = x - M.apply_sparse(L, x)
     assert (x - (c[:, None] * noisy + (1 - c[:, None]) * neighbour_mean)).abs().max() < 1e-6
+    # a non-finite value never spreads into an output: the values come back unfilled
+    bad = noisy.clone()
+    bad[0, 0] = float("nan")
+    assert torch.equal(M.confidence_fill(bad, conf, f)[1:], bad[1:])
 
 
 def test_regularisers_and_geometry_helpers():
