@@ -50,7 +50,8 @@ from fitting.masks import MaskBuilder, MaskConf, ViewMasks, iou_report, pad_stac
 from fitting.pose_fit import image_scale
 from fitting.silhouette_fit import camera_offsets, gt_errors
 from fitting.state import State
-from renderer.mesh_ops import apply_sparse, confidence_fill, edge_lengths, face_adjacency, loop_subdivide, mesh_edges, uniform_laplacian
+from renderer.mesh_ops import (apply_sparse, confidence_fill, edge_lengths, face_adjacency, loop_subdivide, mesh_edges,
+                               uniform_laplacian)
 from renderer.ops import antialias_construct_topology_hash, rasterize
 from renderer.shading import sh_ambient, vertex_normals
 

@@ -321,6 +321,7 @@ def vertex_pixel_share(rast: torch.Tensor, tri: torch.Tensor, weight: torch.Tens
     return barycentric_share(t, torch.cat([u, v, 1.0 - u - v], 1), weight[cov], num_vertices)
 
 
+@torch.no_grad()
 def back_facing(verts: torch.Tensor, tri: torch.Tensor, rast: torch.Tensor, cameras: Sequence[Camera]) -> torch.Tensor:
     """(V,H,W) bool: pixels whose visible triangle turns its back to the camera.
 

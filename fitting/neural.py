@@ -53,8 +53,8 @@ from capture.scan import Scan
 from fitting import losses as Lo
 from fitting.conf import section_dataclass
 from fitting.background import estimate_background, srgb_over_background
-from fitting.ham import (HamConf, Problem, Unknowns, _adam, _regularisers, box_down, clamp_albedo, crop_views, mask_terms, fill_unseen_albedo,
-                         photo_metrics, plain_mesh, render_views)
+from fitting.ham import (HamConf, Problem, Unknowns, _adam, _regularisers, box_down, clamp_albedo, crop_views,
+                         fill_unseen_albedo, mask_terms, photo_metrics, plain_mesh, render_views)
 from fitting.masks import MaskBuilder, MaskConf, pad_stack
 from fitting.pipeline import progress
 from fitting.pose_fit import image_scale
