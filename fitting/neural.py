@@ -84,6 +84,7 @@ class NeuralConf:
     unet_depth: int = 2
     specular_lobes: int = 8
     view_inputs: bool = False
+    damp_specular: bool = False
     crop_margin_px: int = 4
     subdivide: int = 0
     confidence_pixels: float = 2.0
@@ -119,7 +120,7 @@ class NeuralConf:
     def spec(self) -> NeuralRendererSpec:
         return NeuralRendererSpec(self.renderer, self.feature_dim, self.hidden, self.layers, self.pe_frequencies,
                                   self.unet_channels, self.unet_depth, self.specular_lobes,
-                                  self.view_inputs).validate()
+                                  self.view_inputs, self.damp_specular).validate()
 
 
 # ------------------------------------------------------------------------------------ the raster

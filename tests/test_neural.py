@@ -198,7 +198,7 @@ def test_correction_weight_keeps_the_render_near_the_lambertian_colour(scene, tr
 def test_unet_renderer_trains(scene):
     scan, st, _, _ = scene
     torch.manual_seed(0)
-    out = NR.run(scan, copy.deepcopy(st), _conf(renderer="unet", unet_channels=8, unet_depth=1, iterations=40,
+    out = NR.run(scan, copy.deepcopy(st), _conf(renderer="unet", unet_channels=8, unet_depth=1, iterations=80,
                                                  iterations_geometry=0, lr_network=0.01, view_inputs=True))
     tr = out.metrics["neural"]["train"]
     assert tr["neural_psnr_mean"] > tr["shaded_psnr_mean"] + 1.0, tr
@@ -308,6 +308,32 @@ def test_specular_lobes_start_dark_and_evaluate_spherical_gaussians():
     # a record written before the lobes existed has no such key: it loads without lobes
     old = NeuralRendererSpec.from_dict({k: v for k, v in NeuralRendererSpec().to_dict().items() if k != "specular_lobes"})
     assert old.specular_lobes == 0
+
+
+def test_confidence_damps_the_head_but_not_the_highlights():
+    """A pixel of confidence c gets L + c * (head's correction) + specular; a record written
+    before ``damp_specular`` existed keeps damping the specular term too."""
+    net = NeuralRenderer(4, NeuralRendererSpec(specular_lobes=1, view_inputs=False))
+    with torch.no_grad():
+        net.head.out.bias[3:].fill_(0.1)  # offset 0.1 on every channel
+        net.lobe_axis.copy_(torch.tensor([[0.0, 0.0, 1.0]]))
+        net.lobe_sharpness.fill_(5.0)
+        net.lobe_log_amplitude.fill_(0.0)
+        net.specular_weight.fill_(0.3)
+    P = 20
+    gen = torch.Generator().manual_seed(0)
+    r = torch.nn.functional.normalize(0.3 * torch.randn(P, 3, generator=gen) + torch.tensor([0.0, 0.0, 1.0]), dim=1)
+    lam = torch.full((P, 3), 0.4)
+    c = torch.linspace(0.0, 1.0, P)[:, None]
+    x = PixelInputs(torch.zeros(P, 8), lam, lam, torch.zeros(P, 3), torch.zeros(P, 3), torch.zeros(P, 1), c, r)
+    spec = net.specular(r).detach()
+    assert float(spec.min()) > 0.01
+    assert torch.allclose(net(x), lam + 0.1 * c + spec, atol=1e-6)
+    spec_dict = {k: v for k, v in net.spec.to_dict().items() if k != "damp_specular"}
+    rec = {"spec": spec_dict, "weights": net.to_record()["weights"]}
+    old = NeuralRenderer.from_record(rec)
+    assert old.spec.damp_specular
+    assert torch.allclose(old(x), lam + c * (0.1 + spec), atol=1e-6)
 
 
 def test_specular_lobes_learn_a_highlight_that_carries_to_the_held_out_view(scene):
