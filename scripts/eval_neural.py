@@ -12,11 +12,11 @@ with ``--specular 0``, where HAM's shading is the exact image model). Each goes 
 held-out figures are the neural stage's own (``metrics.json``: masked PSNR = 20 log10(1/RMSE)
 and SSIM of the neural and of the HAM shaded render on the same pixels).
 
-Per scan: neural and shaded PSNR / SSIM, the gain, and the issue's two criteria (neural >= 30 dB
-and >= shaded + 2 dB). With twins, the neural render of the twin bounds what perfect highlights
-could give over the sheen scan's shading ("ceiling"); "share" is the part of that room the sheen
-scan's neural render takes, in squared error: (MSE_shaded - MSE_neural) / (MSE_shaded -
-MSE_ceiling).
+Per scan and for the scans' mean: neural and shaded PSNR / SSIM, the gain, and the issue's two
+criteria (neural >= 30 dB and >= shaded + 2 dB). With twins, the neural render of the twin bounds
+what perfect highlights could give over the sheen scan's shading ("ceiling"); "share" is the part
+of that room the sheen scan's neural render takes, in squared error: (MSE_shaded - MSE_neural) /
+(MSE_shaded - MSE_ceiling).
 
 Scans and runs are kept under ``--out`` and reused: a finished fit (its metrics.json) is read
 back, an interrupted one resumes from its stage checkpoints. Each fit runs on one CPU thread,
@@ -99,7 +99,16 @@ def summarise(sheen: Mapping[str, Any], twin: Mapping[str, Any] | None = None) -
     return row
 
 
-def table(rows: Mapping[int, Mapping[str, Any]]) -> str:
+def mean_row(rows: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """The scans' mean PSNR / SSIM (and twins'), with the criteria judged on those means."""
+    keys = ("neural_psnr", "shaded_psnr", "neural_ssim", "shaded_ssim", "twin_neural_psnr", "twin_shaded_psnr")
+    avg = {k: sum(r[k] for r in rows.values()) / len(rows) for k in keys if all(r.get(k) is not None for r in rows.values())}
+    twin = {"neural_psnr_mean": avg["twin_neural_psnr"], "shaded_psnr_mean": avg["twin_shaded_psnr"]} if "twin_neural_psnr" in avg else None
+    return summarise({"neural_psnr_mean": avg["neural_psnr"], "shaded_psnr_mean": avg["shaded_psnr"],
+                      "neural_ssim_mean": avg.get("neural_ssim"), "shaded_ssim_mean": avg.get("shaded_ssim")}, twin)
+
+
+def table(rows: Mapping[Any, Mapping[str, Any]]) -> str:
     """Markdown table of the rows (seed -> summarise())."""
     twins = any("twin_neural_psnr" in r for r in rows.values())
     head = "| seed | neural PSNR / SSIM | shaded PSNR / SSIM | gain | >= 30 dB | >= +2 dB |"
@@ -109,7 +118,7 @@ def table(rows: Mapping[int, Mapping[str, Any]]) -> str:
         rule += "---|---|---|"
     lines = [head, rule]
     yes = lambda b: "yes" if b else "no"  # noqa: E731
-    for seed, r in sorted(rows.items()):
+    for seed, r in sorted(rows.items(), key=lambda kv: (isinstance(kv[0], str), str(kv[0]).zfill(9))):
         line = (f"| {seed} | {r['neural_psnr']:.2f} / {r['neural_ssim']:.3f} | {r['shaded_psnr']:.2f} / "
                 f"{r['shaded_ssim']:.3f} | {r['gain_db']:+.2f} | {yes(r['meets_psnr'])} | {yes(r['meets_gain'])} |")
         if twins:
@@ -150,14 +159,17 @@ def main(argv: list[str] | None = None) -> int:
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         records = dict(pool.map(one, jobs))
-    rows = {seed: summarise(records[(seed, SHEEN)], records.get((seed, 0.0))) for seed in args.seeds}
+    rows: dict[Any, dict[str, Any]] = {seed: summarise(records[(seed, SHEEN)], records.get((seed, 0.0)))
+                                       for seed in args.seeds}
+    mean = mean_row(rows)
     result = {"conf": args.conf, "views": args.views, "size": args.size, "holdout": args.holdout,
               "overrides": args.set, "specular": SHEEN, "criteria": {"min_psnr_db": MIN_PSNR_DB, "min_gain_db": MIN_GAIN_DB},
-              "scans": {str(k): v for k, v in rows.items()}}
+              "scans": {str(k): v for k, v in rows.items()}, "mean": mean}
     write_json(out / "eval_neural.json", result)
-    print(table(rows))
+    print(table({**rows, "mean": mean}))
     met = sum(r["meets_both"] for r in rows.values())
-    print(f"\n{met} of {len(rows)} scans meet both criteria; figures in {out / 'eval_neural.json'}")
+    print(f"\n{met} of {len(rows)} scans meet both criteria (their mean: {'yes' if mean['meets_both'] else 'no'}); "
+          f"figures in {out / 'eval_neural.json'}")
     return 0
 
 

@@ -66,3 +66,13 @@ def test_run_without_held_out_figures_names_the_file(tmp_path):
     (run / "metrics.json").write_text(json.dumps({"stages": {"ham": {}}}))
     with pytest.raises(RuntimeError, match=r"metrics\.json has no held-out neural figures"):
         EV.run_fit(tmp_path, run, "conf/demo_neural.conf", ["02"], [])
+
+
+def test_mean_row_judges_the_criteria_on_the_mean_psnrs():
+    rows = {3: EV.summarise(record(32.0, 29.0), record(33.0, 32.5)), 11: EV.summarise(record(29.0, 28.0), record(30.0, 29.5))}
+    mean = EV.mean_row(rows)
+    assert mean["neural_psnr"] == pytest.approx(30.5) and mean["shaded_psnr"] == pytest.approx(28.5)
+    assert mean["meets_both"] and not rows[11]["meets_both"]
+    assert mean["twin_neural_psnr"] == pytest.approx(31.5) and mean["ceiling_gain_db"] == pytest.approx(3.0)
+    text = EV.table({**rows, "mean": mean}).splitlines()
+    assert text[-1].startswith("| mean | 30.50") and text[2].startswith("| 3 |") and text[3].startswith("| 11 |")
