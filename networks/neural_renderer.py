@@ -266,9 +266,10 @@ class NeuralRenderer(nn.Module):
         confidence, plus the specular colour of the reflected view direction (a highlight), >= 0.
         The confidence damps what is fitted per vertex (features seen over a few pixels), not the
         specular term: its lobes and weight are global, fitted from every view's highlights, and a
-        per-vertex pixel count (about 0.3 on ham's twice-subdivided meshes at 320x256) scaled the
-        highlights by the mesh density instead (held out, 12-view synthetic scans: +0.1 to +0.3 dB
-        on four seeds of five, -0.08 on one). For the unet the inputs are images (B, H, W, k)."""
+        per-vertex pixel count (mean 0.2, median 0.1 or less on ham's twice-subdivided meshes at
+        320x256) scaled the highlights by the mesh density instead (held out, 12-view synthetic
+        scans: +0.1 to +0.3 dB on four seeds of five, -0.08 on one). For the unet the inputs are
+        images (B, H, W, k)."""
         enc = self.encode(x)
         if self.spec.kind == "unet":
             if enc.ndim != 4 or enc.shape[1] % self.spec.multiple or enc.shape[2] % self.spec.multiple:
