@@ -65,7 +65,7 @@ def test_run_without_held_out_figures_names_the_file(tmp_path):
     run.mkdir()
     (run / "metrics.json").write_text(json.dumps({"stages": {"ham": {}}}))
     with pytest.raises(RuntimeError, match=r"metrics\.json has no held-out neural figures"):
-        EV.run_fit(tmp_path, run, "conf/demo_neural.conf", ["02"], [])
+        EV.run_fit(tmp_path, run, "conf/demo_neural.conf", [])
 
 
 def test_mean_row_judges_the_criteria_on_the_mean_psnrs():
@@ -76,3 +76,17 @@ def test_mean_row_judges_the_criteria_on_the_mean_psnrs():
     assert mean["twin_neural_psnr"] == pytest.approx(31.5) and mean["ceiling_gain_db"] == pytest.approx(3.0)
     text = EV.table({**rows, "mean": mean}).splitlines()
     assert text[-1].startswith("| mean | 30.50") and text[2].startswith("| 3 |") and text[3].startswith("| 11 |")
+
+
+def test_real_row_asks_neural_at_least_shaded_in_psnr_and_ssim():
+    rec = {**record(21.1, 18.55), "views": {"03": {"neural": {"psnr": 23.6, "ssim": 0.88}, "shaded": {"psnr": 19.3, "ssim": 0.85}}}}
+    row = EV.real_row(rec)
+    assert row["meets"] and row["gain_db"] == pytest.approx(2.55) and row["views"]["03"]["neural"] == (23.6, 0.88)
+    worse_ssim = {**record(21.1, 18.55), "neural_ssim_mean": 0.90, "shaded_ssim_mean": 0.91}
+    assert not EV.real_row(worse_ssim)["meets"]
+
+
+def test_missing_real_capture_names_the_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        EV.main(["--real", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
+    assert "no scan folder 1" in capsys.readouterr().err
