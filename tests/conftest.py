@@ -2,7 +2,10 @@
 synthetic scan with known 3D keypoints for stage-independent tests."""
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -13,6 +16,16 @@ from capture.scan import Scan, View
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FMHR_DEMO = REPO_ROOT.parent / "shared" / "data" / "fmhr_demo"
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` as a module (scripts are not a package), registered in sys.modules
+    under ``script_<name>`` so dataclasses in it can look their module up."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO_ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture(scope="session")

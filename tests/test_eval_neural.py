@@ -2,23 +2,12 @@
 table, and clear errors on bad arguments or a run without held-out figures."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from conftest import load_script
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("eval_neural", REPO / "scripts" / "eval_neural.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-EV = load_script()
+EV = load_script("eval_neural")
 
 
 def record(neural: float, shaded: float) -> dict:

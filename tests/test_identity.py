@@ -292,14 +292,11 @@ def test_unknown_tto_term_is_an_error() -> None:
 def test_sequence_cli_end_to_end(tmp_path: Path) -> None:
     """scripts/make_synthetic_sequence.py writes a folder, fit.py --scan_id A-B fits it, and the
     calibrated shape is taken by a later run."""
-    import importlib.util
-
     import fit
+    from conftest import load_script
 
     data = tmp_path / "data"
-    spec = importlib.util.spec_from_file_location("make_synthetic_sequence", C.REPO_ROOT / "scripts" / "make_synthetic_sequence.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("make_synthetic_sequence")
     assert script.main(["--out", str(data), "--frames", "4", "--seed", str(TEST_SEED + 4), "--size", "160x120"]) == 0
     assert load_sequence_truth(data)["scan_ids"] == ["0", "1", "2", "3"]
     out = tmp_path / "out"

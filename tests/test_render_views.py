@@ -3,7 +3,6 @@ silhouettes as rendering its meshes directly, applies the run's camera correctio
 they belong to, shades fitted views with their SH and novel views with the mean SH."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -19,16 +18,12 @@ from fitting import ham as HAM
 from fitting import losses as Lo
 from fitting.metrics import silhouette_iou
 from renderer import make_context
+from conftest import load_script
 from test_silhouette_fit import ring_cameras, true_params
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("render_views", REPO / "scripts" / "render_views.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("render_views")
 
 
 def _write_cameras(path: Path, cams: dict[int, Camera], with_size: bool = True) -> None:

@@ -468,17 +468,11 @@ def test_nvdiffrast_wrapper_plumbing(monkeypatch):
     assert _FakeDr.calls == ["context", "rasterize", "interpolate", "hash", "antialias", "antialias", "texture"]
 
 
-def test_bench_render_cli_runs(capsys, monkeypatch):
+def test_bench_render_cli_runs(capsys):
     """The benchmark's render subcommand on a tiny grid: prints the table with one row."""
-    import importlib.util
-    import pathlib
-    import sys
+    from conftest import load_script
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
-    spec = importlib.util.spec_from_file_location("bench_cli", path)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_cli", bench)  # dataclasses look their module up
-    spec.loader.exec_module(bench)
+    bench = load_script("bench")
     rc = bench.main(["render", "--backends", "cpu", "--views", "2", "--sizes", "64x48", "--faces", "3000",
                      "--repeat", "1", "--warmup", "0"])
     out = capsys.readouterr().out
