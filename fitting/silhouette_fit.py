@@ -86,6 +86,11 @@ class SilhouetteFitConf:
     refine_cameras: bool = True
     camera_sigma_px: float = 40.0
     lr_camera_px: float = 0.25
+    # Halfway through, corrections smaller than this (pixels of the original image) are set to 0
+    # and stay there: a shift that small is indistinguishable from the hands' own pose and shape
+    # error, which it would otherwise absorb in the fitted views and leave in a held-out camera
+    # (which gets no correction). 0 keeps every correction.
+    camera_min_px: float = 1.0
     # Whether the masks may outweigh the keypoints and priors: 'auto' trusts them when the first
     # mask judgement finds every view's mask whole (none dropped, none partial), or always / never.
     # Trusted, the keypoint terms fade (half cosine) to zero over the first ``keypoint_decay`` of
@@ -108,6 +113,8 @@ class SilhouetteFitConf:
         out: SilhouetteFitConf = section_dataclass(SilhouetteFitConf, conf, "silhouette_fit", known)
         out.optimize = [str(x) for x in out.optimize]
         out.mask_trust = str(out.mask_trust)
+        if not out.camera_min_px >= 0:
+            raise ValueError(f"silhouette_fit.camera_min_px must be >= 0, got {out.camera_min_px}")
         if out.mask_trust not in MASK_TRUST:
             raise ValueError(f"silhouette_fit.mask_trust is {out.mask_trust!r}; use one of {list(MASK_TRUST)}")
         bad = sorted(set(out.optimize) - set(PARAM_NAMES))
@@ -261,9 +268,16 @@ def _optimise(
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.1 ** (1.0 / cfg.iterations))
     active = {k: w for k, w in cfg.weights.items() if w > 0}
     terms: dict[str, torch.Tensor] = {}
+    dropped = torch.zeros(len(offsets), dtype=torch.bool, device=offsets.device)  # corrections held at 0
     bar = _progress(range(cfg.iterations), "silhouette_fit")
     for it in bar:
         halfway = it == cfg.iterations // 2
+        if halfway and cfg.refine_cameras and cfg.camera_min_px > 0:
+            with torch.no_grad():
+                dropped = offsets.norm(dim=1) / fit_ctx.scale < cfg.camera_min_px
+                offsets[dropped] = 0.0
+            log.info("silhouette_fit: camera corrections under %.2g px set to 0 in %d of %d views",
+                     cfg.camera_min_px, int(dropped.sum()), len(offsets))
         if it > 0 and (halfway or (cfg.mask_update_every > 0 and it % cfg.mask_update_every == 0)):
             with torch.no_grad():
                 builder.offsets = offsets.detach()
@@ -301,6 +315,9 @@ def _optimise(
         loss.backward()
         opt.step()
         sched.step()
+        if dropped.any():
+            with torch.no_grad():
+                offsets[dropped] = 0.0
         if hasattr(bar, "losses"):
             bar.losses(total=loss.detach(), **{k: v.detach() for k, v in terms.items()})
     fit_ctx.P = P0

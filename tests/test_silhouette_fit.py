@@ -5,6 +5,7 @@ small cameras), so every test knows the true parameters, masks and cameras.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -253,10 +254,19 @@ def test_camera_correction_recovers_a_shifted_principal_point():
     st.params["right"] = p.detach()
     c = conf(iterations=100, optimize=[], refine_cameras=True, weights={"keypoints3d": 0.0, "reprojection": 0.0})
     c["masks"] = {"bad_view_ratio": 0.3}  # 4 px on a 96 px image costs 40 % IoU; keep the view
+    start = copy.deepcopy(st)
     st = SF.run(scan, st, c)
     off = st.metrics["silhouette_fit"]["camera_offsets_px"]
     assert abs(off["01"][0] + 4.0) < 0.5 and abs(off["01"][1]) < 0.5
-    assert all(abs(off[n][0]) < 0.5 and abs(off[n][1]) < 0.5 for n in ("00", "02", "03"))
+    # the right cameras' sub-pixel corrections are set to 0 halfway (camera_min_px 1) and stay 0
+    assert all(off[n] == [0.0, 0.0] for n in ("00", "02", "03")), off
+    c["silhouette_fit"]["camera_min_px"] = 0.0  # keep every correction: they drift a little off 0
+    kept = SF.run(scan, start, c).metrics["silhouette_fit"]["camera_offsets_px"]
+    assert abs(kept["01"][0] + 4.0) < 0.5
+    assert all(abs(kept[n][0]) < 0.5 and abs(kept[n][1]) < 0.5 for n in ("00", "02", "03"))
+    assert any(kept[n] != [0.0, 0.0] for n in ("00", "02", "03")), kept
+    with pytest.raises(ValueError, match="camera_min_px"):
+        SF.SilhouetteFitConf.from_conf({"silhouette_fit": {"camera_min_px": -1.0}})
 
 
 def test_conf_rejects_unknown_terms_and_parameters():
