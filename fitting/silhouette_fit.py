@@ -20,7 +20,10 @@ priors are softened; otherwise both keep their weights.
 Camera corrections: a per-view principal-point shift is estimated with the hands (prior std
 ``camera_sigma_px``). Calibrations are rarely consistent to a pixel, and one bad camera (the demo
 capture's view 06 is ~40 px off the others, seen both in the keypoints' reprojections and in the
-silhouettes) otherwise pulls both hands out of place in every view. The corrections are stored
+silhouettes) otherwise pulls both hands out of place in every view. Halfway, corrections under
+``camera_min_px`` are set to 0 for the rest of the fit: a sub-pixel shift cannot be told from the
+hands' own error, which it would absorb in the fitted views and leave in a held-out camera (on
+exactly calibrated synthetic scans they came to 0.05-0.35 px). The corrections are stored
 in the metrics (``camera_offsets_px``, pixels of the original images) and applied by ``ham``, the
 exporters and ``scripts/render_views.py`` (``camera_offsets``).
 
