@@ -89,10 +89,8 @@ class SilhouetteFitConf:
     refine_cameras: bool = True
     camera_sigma_px: float = 40.0
     lr_camera_px: float = 0.25
-    # Halfway through, corrections smaller than this (pixels of the original image) are set to 0
-    # and stay there: a shift that small is indistinguishable from the hands' own pose and shape
-    # error, which it would otherwise absorb in the fitted views and leave in a held-out camera
-    # (which gets no correction). 0 keeps every correction.
+    # corrections under this (pixels of the original image) are set to 0 halfway (see the module
+    # docstring); 0 keeps every correction
     camera_min_px: float = 1.0
     # Whether the masks may outweigh the keypoints and priors: 'auto' trusts them when the first
     # mask judgement finds every view's mask whole (none dropped, none partial), or always / never.
