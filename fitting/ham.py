@@ -71,7 +71,7 @@ class HamConf:
     iterations_appearance: int = 80  # phase (a): albedo + lighting, geometry fixed
     iterations_geometry: int = 250  # phase (b): displacements + albedo (+ lighting)
     iterations_final: int = 60  # albedo + lighting again on the final geometry
-    supersample: int = 1  # samples per pixel side of the measured and exported renders (1 = one sample + antialiasing)
+    supersample: int = 1  # samples per pixel side of every fitted, measured and exported render (ham, neural); 1 = one sample + antialiasing
     lr_albedo: float = 0.02
     lr_sh: float = 0.02
     lr_displacement: float = 0.00005  # metres per Adam step, fine displacement
@@ -470,9 +470,8 @@ def optimize_appearance(prob: Problem, unk: Unknowns, cfg: HamConf, views: list[
     cams = [prob.cameras[i] for i in views]
     with torch.no_grad():
         scene = prob.scene([unk.vertices(h) for h in prob.hands])
-        pos = Lo.clip_positions(scene.verts, cams, offsets=prob.off(views))
-        rast, _ = rasterize(prob.ctx, pos, scene.tri, prob.hw, grad_db=False)
-        front = ~Lo.back_facing(scene.verts, scene.tri, rast, cams)
+        raster = Lo.raster_scene(prob.ctx, scene, cams, prob.hw, prob.off(views), cfg.supersample)
+        front = ~Lo.back_facing(scene.verts, scene.tri, raster.rast, cams)
     photo, weight = prob.photo[views], prob.photo_weight[views] * front
     sh_param = unk.sh
     sh_param.requires_grad_(True)
@@ -489,7 +488,7 @@ def optimize_appearance(prob: Problem, unk: Unknowns, cfg: HamConf, views: list[
         opt.zero_grad(set_to_none=True)
         albedo = prob.albedo(unk) if train_albedo else prob.albedo(unk).detach()
         sh = prob.sh_for(unk, views)
-        shaded = Lo.render_shaded(prob.ctx, scene, albedo, sh, cams, prob.hw, prob.topology, raster=(rast, pos))
+        shaded = Lo.render_shaded(prob.ctx, scene, albedo, sh, cams, prob.hw, prob.topology, raster=raster)
         terms = {"photometric": Lo.photometric_loss(prob.composite(shaded.image, shaded.coverage, views), photo, weight,
                                                     eps=cfg.photometric_eps)}
         if train_albedo and "albedo_smooth" in w:
@@ -537,7 +536,7 @@ def optimize_geometry(prob: Problem, unk: Unknowns, cfg: HamConf) -> dict[str, f
         verts = [unk.vertices(h) for h in prob.hands]
         scene = prob.scene(verts)
         shaded = Lo.render_shaded(prob.ctx, scene, prob.albedo(unk), prob.sh_for(unk, views), cams, prob.hw, prob.topology,
-                                  offsets=prob.off(views))
+                                  offsets=prob.off(views), supersample=cfg.supersample)
         weight = prob.photo_weight[views] * ~Lo.back_facing(scene.verts, scene.tri, shaded.rast, cams)
         terms = {"photometric": Lo.photometric_loss(prob.composite(shaded.image, shaded.coverage, views),
                                                     prob.photo[views], weight, eps=cfg.photometric_eps)}
@@ -680,7 +679,7 @@ def render_views(ctx: Any, verts: Sequence[torch.Tensor], faces: Sequence[torch.
     alb = torch.cat([a.to(scene.verts) for a in albedo], 0)
     shaded = Lo.render_shaded(ctx, scene, alb, sh.to(scene.verts), cameras, hw, offsets=offsets)
     flat = Lo.render_shaded(ctx, scene, alb, sh_ambient(1.0, rgb=True).to(scene.verts), cameras, hw,
-                            raster=(shaded.rast, shaded.pos))
+                            raster=Lo.Raster(shaded.pos, shaded.rast))
     n = vertex_normals(scene.verts, scene.tri)
     R = torch.as_tensor(np.stack([c.R for c in cameras]), dtype=scene.verts.dtype, device=scene.verts.device)
     n_cam = torch.einsum("vij,nj->vni", R, n)
@@ -701,8 +700,7 @@ def box_down(img: np.ndarray, s: int, srgb: bool = False) -> np.ndarray:
     x = torch.as_tensor(img)
     if srgb:
         x = Lo.srgb_to_linear(x)
-    V, Hs, Ws = x.shape[:3]
-    x = x.reshape(V, Hs // s, s, Ws // s, s, *x.shape[3:]).mean((2, 4))
+    x = Lo.box_pool(x, s)
     if srgb:
         x = Lo.linear_to_srgb(x).clamp(0.0, 1.0)
     return x.numpy()

@@ -53,7 +53,7 @@ from capture.scan import Scan
 from fitting import losses as Lo
 from fitting.conf import section_dataclass
 from fitting.background import estimate_background, srgb_over_background
-from fitting.ham import (HamConf, Problem, Unknowns, _adam, _regularisers, box_down, clamp_albedo, crop_views,
+from fitting.ham import (HamConf, Problem, Unknowns, _adam, _regularisers, clamp_albedo, crop_views,
                          fill_unseen_albedo, mask_terms, photo_metrics, plain_mesh, render_views)
 from fitting.masks import MaskBuilder, MaskConf, pad_stack
 from fitting.pipeline import progress
@@ -126,10 +126,12 @@ class NeuralConf:
 # ------------------------------------------------------------------------------------ the raster
 @dataclass
 class Frame:
-    """One rasterization of a scene from a set of cameras, and where its covered pixels are:
-    ``index`` (P,) flat indices into (V*H*W), ``view`` (P,) their view, ``tri`` (P,3) the
-    vertices of their triangle, ``bary`` (P,3) perspective-correct barycentrics (differentiable
-    w.r.t. the vertices through the rasterizer), and per-view crop boxes for the unet."""
+    """One rasterization of a scene from a set of cameras, and where its covered samples are:
+    ``index`` (P,) flat indices into (V*H*W) of the sampled raster (``hw``: ``s`` times the image
+    size per side), ``view`` (P,) their view, ``tri`` (P,3) the vertices of their triangle,
+    ``bary`` (P,3) perspective-correct barycentrics (differentiable w.r.t. the vertices through
+    the rasterizer), per-view crop boxes for the unet, and with s > 1 the raster at the image size
+    (``image_rast``: back faces, contours, which pixels count)."""
 
     rast: torch.Tensor
     pos: torch.Tensor
@@ -142,32 +144,53 @@ class Frame:
     centres: torch.Tensor  # (V,3) camera centres, world
     crops: list[tuple[int, int]] = field(default_factory=list)
     crop_hw: tuple[int, int] = (0, 0)
+    s: int = 1  # samples per pixel side
+    image_rast: torch.Tensor | None = None  # (V,H/s,W/s,4) when s > 1
 
     @property
     def V(self) -> int:
         return int(self.rast.shape[0])
 
-    def covered(self) -> torch.Tensor:
-        return self.rast[..., 3] > 0
+    @property
+    def pixel_rast(self) -> torch.Tensor:
+        """The raster at the image size."""
+        return self.rast if self.image_rast is None else self.image_rast
+
+    @property
+    def pixel(self) -> torch.Tensor:
+        """(P,) flat index into (V*H*W) at the image size of the pixel each sample lies in."""
+        if self.s == 1:
+            return self.index
+        Hs, Ws = self.hw
+        s = self.s
+        rem = self.index % (Hs * Ws)
+        return self.view * (Hs // s) * (Ws // s) + (rem // Ws // s) * (Ws // s) + (rem % Ws) // s
+
+    def subset(self, keep: torch.Tensor) -> "Frame":
+        """The same raster with only the samples ``keep`` (indices or a mask over P)."""
+        return Frame(self.rast, self.pos, self.hw, self.index[keep], self.view[keep], self.tri[keep], self.bary[keep],
+                     self.R, self.centres, self.crops, self.crop_hw, self.s, self.image_rast)
 
 
 def make_frame(ctx: Any, scene: Lo.Scene, cameras: Sequence[Camera], hw: tuple[int, int],
-               offsets: torch.Tensor | None = None, multiple: int = 1, margin: int = 4) -> Frame:
-    """Rasterize ``scene`` (with gradient to the vertices) and index its covered pixels; crop
-    boxes of one size (multiple of ``multiple``) around each view's hands when multiple > 1."""
-    pos = Lo.clip_positions(scene.verts, cameras, offsets=offsets)
-    rast, _ = rasterize(ctx, pos, scene.tri, hw, grad_db=False)
+               offsets: torch.Tensor | None = None, multiple: int = 1, margin: int = 4, supersample: int = 1) -> Frame:
+    """Rasterize ``scene`` (with gradient to the vertices) with ``supersample`` samples per pixel
+    side (``losses.Raster``) and index its covered samples; crop boxes of one size (multiple of
+    ``multiple``) around each view's hands when multiple > 1."""
+    r = Lo.raster_scene(ctx, scene, cameras, hw, offsets, supersample)
+    rast = r.sampled
     cov = rast[..., 3] > 0
     index = torch.nonzero(cov.reshape(-1)).squeeze(1)
     flat = rast.reshape(-1, 4)[index]
     tri = scene.tri.long()[flat[:, 3].long() - 1]
     u, v = flat[:, 0:1], flat[:, 1:2]
     bary = torch.cat([u, v, 1.0 - u - v], 1)
-    H, W = hw
+    H, W = rast.shape[1], rast.shape[2]
     dev = scene.verts.device
     R = torch.as_tensor(np.stack([c.R for c in cameras]), dtype=torch.float32, device=dev)
     C = torch.as_tensor(np.stack([c.center for c in cameras]), dtype=torch.float32, device=dev)
-    fr = Frame(rast, pos, hw, index, torch.div(index, H * W, rounding_mode="floor"), tri, bary, R, C)
+    fr = Frame(rast, r.pos, (H, W), index, torch.div(index, H * W, rounding_mode="floor"), tri, bary, R, C,
+               s=r.s, image_rast=r.rast if r.s > 1 else None)
     if multiple > 1:
         fr.crops, fr.crop_hw = crop_boxes(cov, multiple, margin)
     return fr
@@ -255,11 +278,12 @@ def _fields(x: PixelInputs) -> tuple[torch.Tensor | None, ...]:
 
 
 def image_of(fr: Frame, rgb: torch.Tensor, scene: Lo.Scene, ctx: Any, topology: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Antialiased linear image (V,H,W,3) and coverage (V,H,W) of per-pixel colours (P,3)."""
+    """Antialiased linear image (V,H,W,3) and coverage (V,H,W) at the image size of per-sample
+    colours (P,3) (each pixel the mean of its samples)."""
     H, W = fr.hw
     vals = torch.cat([rgb, torch.ones_like(rgb[:, :1])], 1)
     img = vals.new_zeros(fr.V * H * W, 4).index_put((fr.index,), vals).reshape(fr.V, H, W, 4)
-    aa = antialias(img, fr.rast, fr.pos, scene.tri, topology, ctx=ctx)
+    aa = Lo.box_pool(antialias(img, fr.rast, fr.pos, scene.tri, topology, ctx=ctx), fr.s)
     return aa[..., :3], aa[..., 3]
 
 
@@ -269,14 +293,9 @@ def render_neural(net: NeuralRenderer, ctx: Any, verts: Sequence[torch.Tensor], 
                   offsets: torch.Tensor | None = None, chunk: int = 4, supersample: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Neural renders (sRGB (V,H,W,3), on black) and coverage (V,H,W) of meshes from ``cameras``
     (``chunk`` views at a time); ``sh`` (9,3) the scene's lighting. Used by the stage's
-    evaluation, the exporter and ``scripts/render_views.py``. ``supersample`` as in
-    ``ham.render_views`` (the per-pixel MLP only: a UNet's receptive field is in pixels, so it
-    renders at one sample per pixel)."""
-    if supersample > 1 and net.spec.kind == "mlp":
-        s = int(supersample)
-        img, cov = render_neural(net, ctx, verts, faces, albedo, sh, [c.scaled(s) for c in cameras], (hw[0] * s, hw[1] * s),
-                                 None if offsets is None else offsets * s, chunk=1)
-        return box_down(img, s, srgb=True), box_down(cov, s)
+    evaluation, the exporter and ``scripts/render_views.py``. ``supersample`` samples per pixel
+    side as in ``ham.render_views`` (``sample_count``: the per-pixel MLP only)."""
+    ss = sample_count(net, supersample)
     net.eval()
     dev = ctx.device
     scene = Lo.merge([v.to(dev) for v in verts], list(faces))
@@ -288,12 +307,18 @@ def render_neural(net: NeuralRenderer, ctx: Any, verts: Sequence[torch.Tensor], 
     for s in range(0, len(cameras), chunk):
         cams = list(cameras[s:s + chunk])
         off = None if offsets is None else offsets[s:s + chunk].to(dev)
-        fr = make_frame(ctx, scene, cams, hw, off, net.spec.multiple)
+        fr = make_frame(ctx, scene, cams, hw, off, net.spec.multiple, supersample=ss)
         rgb = shade_pixels(net, fr, pixel_inputs(net, fr, scene.verts, scene.tri, alb, sh.to(dev)))
         img, cov = image_of(fr, rgb, scene, ctx)
         imgs.append(Lo.linear_to_srgb(img).clamp(0, 1).cpu().numpy())
         covs.append(cov.clamp(0, 1).cpu().numpy())
     return np.concatenate(imgs), np.concatenate(covs)
+
+
+def sample_count(net: NeuralRenderer, supersample: int) -> int:
+    """Samples per pixel side the renderer runs at: ``supersample`` for the per-pixel MLP, 1 for
+    the UNet (its receptive field is counted in pixels of the image it was trained on)."""
+    return int(supersample) if net.spec.kind == "mlp" else 1
 
 
 # ------------------------------------------------------------------------------------------ stage
@@ -319,8 +344,9 @@ def run(scan: Scan, state: State, conf: Mapping[str, Any] | None) -> State:
                    {}, sh)
     net = NeuralRenderer(sum(h.num_vertices for h in hands), cfg.spec()).to(device)
 
-    losses_1 = train_appearance(prob, unk, net, cfg)
-    losses_2 = train_geometry(prob, unk, net, cfg, hcfg)
+    ss = sample_count(net, hcfg.supersample)
+    losses_1 = train_appearance(prob, unk, net, cfg, ss)
+    losses_2 = train_geometry(prob, unk, net, cfg, hcfg, ss)
     fill_unseen(prob, unk, net, cfg.fill_pixels)
 
     metrics: dict[str, Any] = {"renderer": cfg.renderer, "feature_dim": cfg.feature_dim,
@@ -411,12 +437,13 @@ def _feature_smooth(prob: Problem, net: NeuralRenderer) -> torch.Tensor:
 
 
 def observation_confidence(fr: Frame, weight: torch.Tensor, num_vertices: int, pixels: float) -> torch.Tensor:
-    """(N,1) per vertex: its barycentric share of the fitted pixels (weight > 0) over all views,
-    divided by ``pixels`` and capped at 1. A vertex about one pixel apart from its neighbours that
-    one view sees squarely gets ~1 per view; surface the fitted views hardly saw gets ~0."""
+    """(N,1) per vertex: its barycentric share of the fitted pixels (samples with weight > 0, each
+    1/s^2 of a pixel) over all views, divided by ``pixels`` and capped at 1. A vertex about one
+    pixel apart from its neighbours that one view sees squarely gets ~1 per view; surface the
+    fitted views hardly saw gets ~0."""
     if pixels <= 0:
         return torch.ones(num_vertices, 1, device=fr.bary.device)
-    count = Lo.barycentric_share(fr.tri, fr.bary, (weight > 0).float(), num_vertices)
+    count = Lo.barycentric_share(fr.tri, fr.bary, (weight > 0).float() / fr.s ** 2, num_vertices)
     return (count / pixels).clamp(0.0, 1.0)[:, None].float()
 
 
@@ -432,8 +459,47 @@ def _specular_group(net: NeuralRenderer, cfg: NeuralConf) -> list[dict[str, Any]
     return [{"params": net.specular_parameters(), "lr": cfg.lr_specular}] if net.lobe_axis is not None else []
 
 
-def train_appearance(prob: Problem, unk: Unknowns, net: NeuralRenderer, cfg: NeuralConf) -> dict[str, float]:
-    """Phase 1: features and network on the interior pixels of the fitted views; one raster."""
+def interior_samples(prob: Problem, scene: Lo.Scene, cams: Sequence[Camera], views: list[int], net: NeuralRenderer,
+                     cfg: NeuralConf, supersample: int) -> tuple[Frame, torch.Tensor, torch.Tensor]:
+    """Phase 1's pixels: the interior ones (coverage eroded by a pixel, all s x s samples
+    covered), front faces, inside ham's photometric weights. Returns the frame of their samples,
+    ordered pixel by pixel (s^2 consecutive samples each), the pixels' flat indices (Q,) into
+    (V*H*W) and their weights (Q,); with one sample per pixel, every covered pixel, the others at
+    weight 0."""
+    fr = make_frame(prob.ctx, scene, cams, prob.hw, prob.off(views), net.spec.multiple, cfg.crop_margin_px,
+                    supersample)
+    pr = fr.pixel_rast
+    interior = Lo.erode(pr[..., 3] > 0) & ~Lo.back_facing(scene.verts, scene.tri, pr, cams)
+    weight = (prob.photo_weight[views] * interior).reshape(-1)
+    if fr.s == 1:  # every covered pixel (a unet sees the others around the counted ones)
+        return fr, fr.index, weight[fr.index]
+    owner = fr.pixel
+    n = torch.zeros_like(weight).index_add_(0, owner, torch.ones_like(owner, dtype=weight.dtype))
+    weight = weight * (n == fr.s ** 2)
+    keep = torch.nonzero(weight[owner] > 0).squeeze(1)
+    keep = keep[torch.argsort(owner[keep], stable=True)]
+    sub = fr.subset(keep)
+    pix = owner[keep][::fr.s ** 2]
+    return sub, pix, weight[pix]
+
+
+def pixel_mean(x: torch.Tensor, s: int) -> torch.Tensor:
+    """(Q*s^2, k) samples ordered pixel by pixel -> (Q, k) their pixel means."""
+    return x if s == 1 else x.reshape(-1, s * s, x.shape[-1]).mean(1)
+
+
+def samples_of(pixels: torch.Tensor, s: int) -> torch.Tensor:
+    """Sample indices of pixels (B,) in a pixel-by-pixel ordered frame."""
+    if s == 1:
+        return pixels
+    return (pixels[:, None] * (s * s) + torch.arange(s * s, device=pixels.device)).reshape(-1)
+
+
+def train_appearance(prob: Problem, unk: Unknowns, net: NeuralRenderer, cfg: NeuralConf, supersample: int = 1
+                     ) -> dict[str, float]:
+    """Phase 1: features and network on the interior pixels of the fitted views; one raster. With
+    ``supersample`` s the network runs on the s x s samples of each pixel and the pixel's colour
+    is their mean, as a camera pixel integrates (``losses.Raster``)."""
     views = prob.kept
     if cfg.iterations <= 0 or not views:
         return {}
@@ -441,18 +507,17 @@ def train_appearance(prob: Problem, unk: Unknowns, net: NeuralRenderer, cfg: Neu
     verts = torch.cat([unk.vertices(h) for h in prob.hands]).detach()
     scene = prob.scene([unk.vertices(h).detach() for h in prob.hands])
     with torch.no_grad():
-        fr = make_frame(prob.ctx, scene, cams, prob.hw, prob.off(views), net.spec.multiple, cfg.crop_margin_px)
-        interior = Lo.erode(fr.covered()).reshape(-1)[fr.index].float()
-        front = ~Lo.back_facing(scene.verts, scene.tri, fr.rast, cams).reshape(-1)[fr.index]
-        weight = prob.photo_weight[views].reshape(-1)[fr.index] * interior * front
-        photo = prob.photo[views].reshape(-1, 3)[fr.index]
-        net.confidence.copy_(observation_confidence(fr, weight, net.num_vertices, cfg.confidence_pixels))
+        fr, pix, weight = interior_samples(prob, scene, cams, views, net, cfg, supersample)
+        photo = prob.photo[views].reshape(-1, 3)[pix]
+        net.confidence.copy_(observation_confidence(fr, weight.repeat_interleave(fr.s ** 2), net.num_vertices,
+                                                     cfg.confidence_pixels))
         static = pixel_inputs(net, fr, verts, scene.tri, prob.albedo(unk).detach(), unk.sh)
+        lambertian = pixel_mean(static.lambertian, fr.s)
     opt, sched = _adam([{"params": [net.features], "lr": cfg.lr_features},
                         {"params": list(net.head.parameters()), "lr": cfg.lr_network}, *_specular_group(net, cfg)],
                        cfg.iterations)
     w = cfg.weights
-    P = int(fr.index.shape[0])
+    P = int(pix.shape[0])
     gen = torch.Generator(device="cpu").manual_seed(0)
     terms: dict[str, torch.Tensor] = {}
     net.train()
@@ -465,11 +530,11 @@ def train_appearance(prob: Problem, unk: Unknowns, net: NeuralRenderer, cfg: Neu
         sel = None
         if cfg.batch_pixels and net.spec.kind == "mlp" and cfg.batch_pixels < P:
             sel = torch.randint(0, P, (cfg.batch_pixels,), generator=gen).to(fr.index.device)
-        rgb = shade_pixels(net, fr, x, cfg.mixed_precision, sel)
+        rgb = pixel_mean(shade_pixels(net, fr, x, cfg.mixed_precision, None if sel is None else samples_of(sel, fr.s)), fr.s)
         wsel = weight if sel is None else weight[sel]
         terms = {"photometric": _charbonnier(rgb, photo if sel is None else photo[sel], wsel)}
         if w.get("correction", 0) > 0:
-            terms["correction"] = _correction(rgb, static.lambertian if sel is None else static.lambertian[sel], wsel)
+            terms["correction"] = _correction(rgb, lambertian if sel is None else lambertian[sel], wsel)
         if w.get("feature_smooth", 0) > 0:
             terms["feature_smooth"] = _feature_smooth(prob, net)
         loss = sum(w.get(k, 0.0) * v for k, v in terms.items())
@@ -480,9 +545,11 @@ def train_appearance(prob: Problem, unk: Unknowns, net: NeuralRenderer, cfg: Neu
     return {k: float(v.detach()) for k, v in terms.items()}
 
 
-def train_geometry(prob: Problem, unk: Unknowns, net: NeuralRenderer, cfg: NeuralConf, hcfg: HamConf) -> dict[str, float]:
+def train_geometry(prob: Problem, unk: Unknowns, net: NeuralRenderer, cfg: NeuralConf, hcfg: HamConf,
+                   supersample: int = 1) -> dict[str, float]:
     """Phase 2: features, network, a normal displacement and the albedo through the antialiased
-    neural render, with ham's silhouette / contour terms and regularisers (``ham.weights``)."""
+    neural render (``supersample`` samples per pixel side), with ham's silhouette / contour terms
+    and regularisers (``ham.weights``)."""
     views = prob.kept
     if cfg.iterations_geometry <= 0 or not views:
         return {}
@@ -511,18 +578,19 @@ def train_geometry(prob: Problem, unk: Unknowns, net: NeuralRenderer, cfg: Neura
         opt.zero_grad(set_to_none=True)
         verts = [unk.vertices(h) for h in prob.hands]
         scene = prob.scene(verts)
-        fr = make_frame(prob.ctx, scene, cams, prob.hw, prob.off(views), net.spec.multiple, cfg.crop_margin_px)
+        fr = make_frame(prob.ctx, scene, cams, prob.hw, prob.off(views), net.spec.multiple, cfg.crop_margin_px,
+                        supersample)
         x = pixel_inputs(net, fr, scene.verts, scene.tri, prob.albedo(unk), unk.sh)
         rgb = shade_pixels(net, fr, x, cfg.mixed_precision)
         img, cov = image_of(fr, rgb, scene, prob.ctx, prob.topology)
-        weight = prob.photo_weight[views] * ~Lo.back_facing(scene.verts, scene.tri, fr.rast, cams)
+        weight = prob.photo_weight[views] * ~Lo.back_facing(scene.verts, scene.tri, fr.pixel_rast, cams)
         terms = {"photometric": Lo.photometric_loss(prob.composite(img, cov, views), prob.photo[views], weight,
                                                     eps=hcfg.photometric_eps)}
-        terms.update(mask_terms(prob, scene, cov, fr.rast, views, P, contours, hcfg, w))
+        terms.update(mask_terms(prob, scene, cov, fr.pixel_rast, views, P, contours, hcfg, w))
         if "feature_smooth" in w:
             terms["feature_smooth"] = _feature_smooth(prob, net)
         if "correction" in w:
-            terms["correction"] = _correction(rgb, x.lambertian, weight.reshape(-1)[fr.index])
+            terms["correction"] = _correction(rgb, x.lambertian, weight.reshape(-1)[fr.pixel])
         terms.update(_regularisers(prob, unk, verts, w))
         loss = sum(w.get(k, 0.0) * v for k, v in terms.items())
         loss.backward()
