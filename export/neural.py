@@ -48,7 +48,7 @@ def export_neural(ctx: Any) -> list[ReportSection]:
     if not st.neural:
         return []
     from fitting import losses as Lo
-    from fitting.ham import render_views
+    from fitting.ham import HamConf, render_views
     from fitting.masks import pad_cameras
     from fitting.neural import load_record, render_neural
     from fitting.pose_fit import image_scale
@@ -62,7 +62,8 @@ def export_neural(ctx: Any) -> list[ReportSection]:
     cams, hw = pad_cameras([v.camera for v in views])
     # fitted views with silhouette_fit's camera corrections, held-out ones as calibrated (zero)
     off = camera_offsets(st, [v.name for v in views], image_scale(ctx.scan, ctx.conf), dev)
-    imgs, _ = render_neural(net, rctx, verts, faces, albedo, sh, cams, hw, off)
+    ss = HamConf.from_conf(ctx.conf).supersample
+    imgs, _ = render_neural(net, rctx, verts, faces, albedo, sh, cams, hw, off, supersample=ss)
     d = ctx.out_dir / "images" / "neural"
     paths: list[Path] = []
     held = {v.name for v in ctx.scan.holdout}
@@ -74,7 +75,7 @@ def export_neural(ctx: Any) -> list[ReportSection]:
         shaded = render_views(rctx, [t(st.refined[s]["vertices"]) for s in sides],
                               [t(st.refined[s]["faces"], torch.long) for s in sides],
                               [t(st.refined[s]["albedo"]) for s in sides],
-                              sh.expand(len(hcams), -1, -1).contiguous(), hcams, hw).shaded
+                              sh.expand(len(hcams), -1, -1).contiguous(), hcams, hw, supersample=ss).shaded
     k = 0
     for i, view in enumerate(views):
         H, W = view.camera.height, view.camera.width

@@ -239,7 +239,7 @@ def summary_section(metrics: Mapping[str, Any]) -> ReportSection:
 
 
 def _view_images(ctx: Any, rctx: Any) -> list[Path]:
-    from fitting.ham import render_views
+    from fitting.ham import HamConf, render_views
     from fitting.masks import pad_cameras
 
     st = ctx.state
@@ -257,7 +257,7 @@ def _view_images(ctx: Any, rctx: Any) -> list[Path]:
     t = lambda x, dt=torch.float32: torch.as_tensor(_np(x), dtype=dt, device=dev)  # noqa: E731
     rv = render_views(rctx, [t(st.refined[s]["vertices"]) for s in sides], [t(st.refined[s]["faces"], torch.long) for s in sides],
                       [t(st.refined[s]["albedo"]) for s in sides], sh.to(dev), cams, hw,
-                      None if off is None else off.to(dev))
+                      None if off is None else off.to(dev), HamConf.from_conf(ctx.conf).supersample)
     paths = []
     d = ctx.out_dir / "images" / "ham"
     for i, view in enumerate(ctx.scan.views):

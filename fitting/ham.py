@@ -19,11 +19,14 @@ or less at a grazing angle explains that pixel's misfit, not the skin, and a new
 Both hands are one scene (one rasterization; occlusion between them is right). Data terms:
 photometric (the antialiased render composited over the photo's inpainted background,
 ``fitting.background``, converted to sRGB once at the loss, against the photo inside the usable
-masks, outline pixels included; pixels showing the inside of the open wrist left out), silhouette (antialiased coverage) and contour chamfer against the masks, with
+masks, outline pixels included; pixels showing the inside of the open wrist left out), silhouette
+(antialiased coverage) and contour chamfer against the masks, with
 the mask handling of ``fitting.masks`` (forearm, broken views, missing hands). Regularisers:
 Laplacian of the displacements, relative edge length, normal consistency, albedo smoothness,
 displacement magnitude and lighting consistency. All weights, iterations and learning rates are
-in the ``ham`` conf section.
+in the ``ham`` conf section. With ``ham.supersample`` s > 1 every render (fitted, measured,
+exported; the neural stage's too) takes s x s samples per pixel and averages them, as a camera
+pixel integrates its area (``losses.Raster``).
 
 Outputs: ``state.refined[side]`` (subdivided vertices, faces, albedo, displacement, uv, uv_faces,
 skinning weights) and ``state.lighting`` (SH per view, their mean for novel views); metrics per

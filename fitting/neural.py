@@ -35,8 +35,9 @@ neural render and of the HAM shaded render, on the fitted views (shaded with the
 held-out photo). Both renders are measured on the same pixels: usable mask (forearm and
 missing-hand regions excluded) covered by both renders, where they show the hand's outside (not
 the inside of the open wrist, ``losses.back_facing``), both over the photo's inpainted background
-(``fitting.background``) and box-filtered from ``ham.supersample`` samples per pixel side as ham
-measures; ``psnr_full_mask`` over the whole usable mask. Mixed precision (autocast) for the network on CUDA.
+(``fitting.background``) and, as every render of both phases, averaged from ``ham.supersample``
+samples per pixel side (the MLP head; the UNet runs at one); ``psnr_full_mask`` over the whole
+usable mask. Mixed precision (autocast) for the network on CUDA.
 """
 from __future__ import annotations
 

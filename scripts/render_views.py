@@ -17,6 +17,7 @@
 - Per-view principal-point corrections that the run estimated (``silhouette_fit`` in
   ``<run>/metrics.json``) are applied to the views they belong to, so a fitted view renders as it
   was fitted; other views use the file's cameras as they are.
+- Samples per pixel: the run's own (``ham.supersample``) unless ``--supersample`` says otherwise.
 """
 from __future__ import annotations
 
@@ -58,8 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (nvdiffrast when available)")
     ap.add_argument("--renderer", choices=("neural", "shaded"), default=None,
                     help="neural (neural.pt) or shaded (refined.npz); default: neural when the run has it")
-    ap.add_argument("--supersample", type=int, default=1,
-                    help="samples per pixel side, box-filtered (1 = one sample with antialiasing)")
+    ap.add_argument("--supersample", type=int, default=None,
+                    help="samples per pixel side, box-filtered (1 = one sample with antialiasing); "
+                         "default: the run's ham.supersample, what it was fitted with")
     return ap.parse_args(argv)
 
 
@@ -70,6 +72,16 @@ def run_offsets(run: Path) -> dict[str, list[float]]:
         return {}
     stages = json.loads(path.read_text()).get("stages", {})
     return dict(stages.get("silhouette_fit", {}).get("camera_offsets_px") or {})
+
+
+def run_supersample(run: Path) -> int:
+    """The ``ham.supersample`` a run was fitted with (its conf.resolved.conf; 1 without one)."""
+    path = run / "conf.resolved.conf"
+    if not path.is_file():
+        return 1
+    from pyhocon import ConfigFactory
+
+    return int(ConfigFactory.parse_file(str(path)).get("ham.supersample", 1))
 
 
 def render_run(run: Path, cameras: dict[str, Camera], device: str = "cpu",
@@ -146,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.scale > 0:
         print(f"error: --scale must be positive, got {args.scale}", file=sys.stderr)
         return 2
+    if args.supersample is None:
+        args.supersample = run_supersample(args.run)
     if not 1 <= args.supersample <= 8:
         print(f"error: --supersample must be 1..8, got {args.supersample}", file=sys.stderr)
         return 2

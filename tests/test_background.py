@@ -119,3 +119,45 @@ def test_supersampled_coverage_is_the_area_fraction_of_an_edge():
     hi[0, 0, 0] = 1.0
     lo = box_down(hi, 2, srgb=True)
     np.testing.assert_allclose(lo[0, 0, 0], Lo.linear_to_srgb(torch.tensor(0.25)).item(), atol=1e-5)
+
+
+def _edge_square(edge_px: float, size: int = 16):
+    """A large square whose left edge sits ``edge_px`` px into pixel column 8 of a ``size``-pixel camera."""
+    v = torch.tensor([[0.0, -1, 0], [1, -1, 0], [1, 1, 0], [0, 1, 0]], dtype=torch.float32) * 0.05
+    f = torch.tensor([[0, 1, 2], [0, 2, 3]])
+    cam = _camera(np.array([0.0, 0.0, 0.3]), size)
+    K = cam.K.copy()
+    K[0, 2] = 8.0 + edge_px
+    return v, f, Camera(K, cam.R, cam.t, size, size, "c")
+
+
+def test_fitting_render_with_samples_is_the_measured_render_and_has_the_edge_gradient():
+    """losses.render_shaded(supersample=s), what ham fits with, gives the image and coverage of
+    ham.render_views(supersample=s), what it measures; its coverage holds the area fraction of an
+    edge, and its gradient w.r.t. the vertices is that of finite differences."""
+    from renderer.context import RenderContext
+
+    ctx = RenderContext("cpu", torch.device("cpu"))
+    v, f, cam = _edge_square(0.3)
+    albedo = torch.rand(4, 3, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.25
+    sh = torch.zeros(9, 3)
+    sh[0], sh[2] = 2.0, -0.6  # ambient plus light from one side: the colour varies over the square
+    scene = Lo.merge([v], [f])
+    fit = Lo.render_shaded(ctx, scene, albedo, sh, [cam], (16, 16), supersample=4)
+    meas = render_views(ctx, [v], [f], [albedo], sh, [cam], (16, 16), supersample=4)
+    np.testing.assert_allclose(Lo.linear_to_srgb(fit.image).clamp(0, 1).numpy(), meas.shaded, atol=2e-5)
+    np.testing.assert_allclose(fit.coverage.numpy(), meas.coverage, atol=1e-6)
+    assert fit.rast.shape == (1, 16, 16, 4)  # the raster callers index pixels with stays at the image size
+    assert abs(float(fit.coverage[0, 8, 8]) - 0.3) < 0.02  # one sample + antialiasing: only near it
+    # d(coverage of the edge pixels) / d(x of the square's vertices), autograd against finite differences
+    vv = v.clone().requires_grad_(True)
+    col = lambda x: Lo.render_shaded(ctx, Lo.merge([x], [f]), albedo, sh, [cam], (16, 16),  # noqa: E731
+                                     supersample=4).coverage[0, 4:12, 8].sum()
+    col(vv).backward()
+    g = float(vv.grad[:, 0].sum())
+    h = 2e-5  # a hundredth of a pixel at this distance: no sample centre is crossed
+    with torch.no_grad():
+        d = torch.zeros_like(v)
+        d[:, 0] = h
+        fd = float(col(v + d) - col(v - d)) / (2 * h)
+    assert abs(fd) > 1.0 and abs(g - fd) < 0.05 * abs(fd), (g, fd)

@@ -4,6 +4,7 @@ they belong to, shades fitted views with their SH and novel views with the mean 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +114,6 @@ def test_neural_renderer_is_the_default_when_the_run_has_one(run_dir, tmp_path):
     """With ``neural.pt`` in the run, the default renders through the neural renderer (here one
     whose correction brightens every pixel by a known amount); ``--renderer shaded`` still gives
     the HAM shading; asking for neural on a run without it is an error."""
-    import shutil
 
     from export.neural import save_neural
     from networks.neural_renderer import NeuralRenderer, NeuralRendererSpec
@@ -171,3 +171,10 @@ def test_supersampled_renders_agree_inside_and_soften_only_the_outline(run_dir, 
     inner[:, [0, -1]] = False
     assert np.abs(one[inner] - four[inner]).mean() < 3.0  # same shading inside (8-bit levels)
     assert (one != four).any()
+    # without --supersample a run renders at the samples it was fitted with (its ham.supersample)
+    fitted = tmp_path / "fitted"
+    shutil.copytree(root, fitted)
+    (fitted / "conf.resolved.conf").write_text("ham {\n  supersample = 4\n}\n")
+    args[1] = str(fitted)
+    assert mod.main(args + ["--out", str(tmp_path / "own")]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "own" / "00.png"), np.float64), four)
