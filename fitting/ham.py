@@ -651,13 +651,15 @@ def _freeze(unk: Unknowns) -> None:
 class ViewRenders:
     """Per-view renders of refined hands: shaded and albedo (sRGB), camera-space normals mapped
     to colours, antialiased coverage, the fraction of each pixel showing a back face (the inside
-    of the open wrist, ``losses.back_facing``); numpy, (V,H,W,3) / (V,H,W)."""
+    of the open wrist, ``losses.back_facing``) and whether the pixel's centre is covered (what a
+    mask holds: the IoU's render side, whatever the samples per pixel); numpy, (V,H,W,3) / (V,H,W)."""
 
     shaded: np.ndarray
     albedo: np.ndarray
     normals: np.ndarray
     coverage: np.ndarray
     back: np.ndarray
+    centre: np.ndarray
 
 
 @torch.no_grad()
@@ -676,8 +678,10 @@ def render_views(ctx: Any, verts: Sequence[torch.Tensor], faces: Sequence[torch.
         s = int(supersample)
         big = render_views(ctx, verts, faces, albedo, sh, [c.scaled(s) for c in cameras], (hw[0] * s, hw[1] * s),
                            None if offsets is None else offsets * s)
+        scene = Lo.merge(list(verts), list(faces))
+        rast = Lo.raster_scene(ctx, scene, cameras, hw, offsets).rast
         return ViewRenders(*(box_down(x, s, srgb=k < 2) for k, x in enumerate(
-            (big.shaded, big.albedo, big.normals, big.coverage, big.back))))
+            (big.shaded, big.albedo, big.normals, big.coverage, big.back))), (rast[..., 3] > 0).cpu().numpy())
     scene = Lo.merge(list(verts), list(faces))
     alb = torch.cat([a.to(scene.verts) for a in albedo], 0)
     shaded = Lo.render_shaded(ctx, scene, alb, sh.to(scene.verts), cameras, hw, offsets=offsets)
@@ -695,7 +699,7 @@ def render_views(ctx: Any, verts: Sequence[torch.Tensor], faces: Sequence[torch.
     to_np = lambda t: t.clamp(0.0, 1.0).cpu().numpy()  # noqa: E731
     back = Lo.back_facing(scene.verts, scene.tri, shaded.rast, cameras).float()
     return ViewRenders(to_np(Lo.linear_to_srgb(shaded.image)), to_np(Lo.linear_to_srgb(flat.image)), to_np(nimg),
-                       to_np(shaded.coverage), to_np(back))
+                       to_np(shaded.coverage), to_np(back), (shaded.rast[..., 3] > 0).cpu().numpy())
 
 
 def box_down(img: np.ndarray, s: int, srgb: bool = False) -> np.ndarray:
@@ -736,8 +740,7 @@ def evaluate(prob: Problem, unk: Unknowns, supersample: int = 1) -> dict[str, An
     sh = unk.sh.detach() if unk.sh.ndim == 3 else unk.sh.detach().unsqueeze(0).expand(prob.V, -1, -1)
     rv = render_views(prob.ctx, verts, [h.faces for h in prob.hands], [unk.albedo_of(h.side) for h in prob.hands], sh,
                       prob.cameras, prob.hw, prob.offsets, supersample)
-    cov = torch.as_tensor(rv.coverage, device=prob.device)
-    ious = iou_report(cov, prob.vm)
+    ious = iou_report(torch.as_tensor(rv.centre, dtype=torch.float32, device=prob.device), prob.vm)
     photo = prob.photo.cpu().numpy()
     shown = srgb_over_background(rv.shaded, rv.coverage, None if prob.background is None else prob.background.cpu().numpy())
     usable = (prob.vm.valid * prob.vm.target).cpu().numpy() > 0.5
@@ -809,7 +812,7 @@ def evaluate_holdout(prob: Problem, unk: Unknowns, views: Sequence[Any], mcfg: M
     V = len(builder.names)
     rv = render_views(prob.ctx, verts, faces, [unk.albedo_of(h.side) for h in prob.hands],
                       sh_mean.unsqueeze(0).expand(V, -1, -1), builder.cameras, builder.hw, supersample=supersample)
-    ious = iou_report(torch.as_tensor(rv.coverage, device=prob.device), vm)
+    ious = iou_report(torch.as_tensor(rv.centre, dtype=torch.float32, device=prob.device), vm)
     photo_t = pad_stack([v.image for v in held.views], builder.hw, channels=3, device=prob.device)
     photo = photo_t.cpu().numpy()
     if prob.background is not None:  # each held-out photo's own backdrop, as for the fitted views

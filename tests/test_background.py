@@ -148,6 +148,9 @@ def test_fitting_render_with_samples_is_the_measured_render_and_has_the_edge_gra
     np.testing.assert_allclose(Lo.linear_to_srgb(fit.image).clamp(0, 1).numpy(), meas.shaded, atol=2e-5)
     np.testing.assert_allclose(fit.coverage.numpy(), meas.coverage, atol=1e-6)
     assert fit.rast.shape == (1, 16, 16, 4)  # the raster callers index pixels with stays at the image size
+    # what the IoU compares with a mask, the covered pixel centres, does not depend on the samples
+    one = render_views(ctx, [v], [f], [albedo], sh, [cam], (16, 16))
+    assert np.array_equal(meas.centre, one.centre) and one.centre[0, 8, 7] and not one.centre[0, 8, 8]
     assert abs(float(fit.coverage[0, 8, 8]) - 0.3) < 0.02  # one sample + antialiasing: only near it
     # d(coverage of the edge pixels) / d(x of the square's vertices), autograd against finite differences
     vv = v.clone().requires_grad_(True)
