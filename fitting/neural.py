@@ -5,8 +5,8 @@ The renderer (``networks/neural_renderer.py``) reads per-vertex learned features
 per-pixel quantities (HAM albedo, the Lambertian colour under the mean SH of the fitted views;
 with ``neural.view_inputs`` also the camera-space normal, view direction, their cosine and
 positional encodings) and outputs linear RGB as a learned correction of the Lambertian colour plus
-highlights of learnt specular lobes at the reflected view direction (``neural.specular_lobes``,
-their own rate ``neural.lr_specular``). One lighting for every view (the mean SH), so a
+highlights of learnt specular lobes (``neural.specular_lobes``, ``neural.specular_model``, their
+own rate ``neural.lr_specular``). One lighting for every view (the mean SH), so a
 held-out camera gets exactly the inputs a fitted one does. The correction is scaled per vertex by
 a confidence (``observation_confidence``: how many fitted pixels saw the vertex, over
 ``neural.confidence_pixels``), so surface the fitted views hardly saw keeps the Lambertian colour
@@ -86,6 +86,7 @@ class NeuralConf:
     specular_lobes: int = 8
     view_inputs: bool = False
     damp_specular: bool = False
+    specular_model: str = "half_vector"
     crop_margin_px: int = 4
     subdivide: int = 0
     confidence_pixels: float = 2.0
@@ -121,7 +122,7 @@ class NeuralConf:
     def spec(self) -> NeuralRendererSpec:
         return NeuralRendererSpec(self.renderer, self.feature_dim, self.hidden, self.layers, self.pe_frequencies,
                                   self.unet_channels, self.unet_depth, self.specular_lobes,
-                                  self.view_inputs, self.damp_specular).validate()
+                                  self.view_inputs, self.damp_specular, self.specular_model).validate()
 
 
 # ------------------------------------------------------------------------------------ the raster
@@ -541,6 +542,7 @@ def train_appearance(prob: Problem, unk: Unknowns, net: NeuralRenderer, cfg: Neu
         loss = sum(w.get(k, 0.0) * v for k, v in terms.items())
         loss.backward()
         opt.step()
+        net.project_()
         sched.step()
         bar.losses(total=loss.detach(), **{k: v.detach() for k, v in terms.items()})
     return {k: float(v.detach()) for k, v in terms.items()}
@@ -596,6 +598,7 @@ def train_geometry(prob: Problem, unk: Unknowns, net: NeuralRenderer, cfg: Neura
         loss = sum(w.get(k, 0.0) * v for k, v in terms.items())
         loss.backward()
         opt.step()
+        net.project_()
         sched.step()
         clamp_albedo(unk)
         bar.losses(total=loss.detach(), **{k: v.detach() for k, v in terms.items()})

@@ -294,7 +294,7 @@ def test_specular_lobes_start_dark_and_evaluate_spherical_gaussians():
     axes = fibonacci_sphere(8)
     assert torch.allclose(axes.norm(dim=1), torch.ones(8), atol=1e-6)
     assert float((axes @ axes.t() - 2 * torch.eye(8)).max()) < 0.8  # spread: no two within ~37 degrees
-    net = NeuralRenderer(4, NeuralRendererSpec(specular_lobes=1))
+    net = NeuralRenderer(4, NeuralRendererSpec(specular_lobes=1, specular_model="reflection"))
     r = torch.nn.functional.normalize(torch.randn(50, 3), dim=1)
     assert torch.equal(net.specular(r), torch.zeros(50, 3))  # the weight starts at 0: HAM's shading
     with torch.no_grad():
@@ -310,12 +310,54 @@ def test_specular_lobes_start_dark_and_evaluate_spherical_gaussians():
     # a record written before the lobes existed has no such key: it loads without lobes
     old = NeuralRendererSpec.from_dict({k: v for k, v in NeuralRendererSpec().to_dict().items() if k != "specular_lobes"})
     assert old.specular_lobes == 0
+    # nor, before the half-vector lobes, a lobe model: its lobes were over the reflected ray
+    old = NeuralRendererSpec.from_dict({k: v for k, v in NeuralRendererSpec().to_dict().items() if k != "specular_model"})
+    assert old.specular_model == "reflection"
+    with pytest.raises(ValueError, match="specular_model"):
+        NeuralRendererSpec(specular_model="phong").validate()
+
+
+def test_half_vector_lobes_are_blinn_phong_lights():
+    """A half-vector lobe is a light: a exp(s (n.h - 1)) with h between the direction to the
+    camera and the light, where the light reaches the surface; brightest where the normal is the
+    half vector, wherever the camera is."""
+    net = NeuralRenderer(4, NeuralRendererSpec(specular_lobes=1))
+    assert net.spec.specular_model == "half_vector" and float(net.lobe_sharpness.detach()) == 8.0
+    light = torch.nn.functional.normalize(torch.tensor([0.3, -0.2, 1.0]), dim=0)
+    with torch.no_grad():
+        net.lobe_axis.copy_(3.0 * light[None])
+        net.lobe_sharpness.fill_(30.0)
+        net.lobe_log_amplitude.copy_(torch.log(torch.tensor([[0.5, 0.25, 0.125]])))
+        net.specular_weight.fill_(2.0)
+    gen = torch.Generator().manual_seed(3)
+    n = torch.nn.functional.normalize(torch.randn(200, 3, generator=gen), dim=1)
+    v = torch.nn.functional.normalize(torch.randn(200, 3, generator=gen), dim=1)
+    v = torch.where((v * n).sum(1, keepdim=True) < 0, v, -v)  # camera -> point, on the front side
+    r = v - 2 * (v * n).sum(1, keepdim=True) * n
+    h = torch.nn.functional.normalize(light - v, dim=1)
+    lit = ((n @ light) > 0).float()[:, None]
+    expect = 2.0 * lit * torch.exp(30.0 * ((n * h).sum(1, keepdim=True) - 1.0)) * torch.tensor([0.5, 0.25, 0.125])
+    assert torch.allclose(net.specular(r, v), expect, atol=1e-5)
+    assert float(expect.max()) > 0.05 and float((lit == 0).sum()) > 20  # some lit highlights, some unlit points
+    # the peak: a normal halfway between the direction to the camera and the light, from any camera
+    for cam in (torch.tensor([0.0, 0.0, 1.0]), torch.nn.functional.normalize(torch.tensor([-0.8, 0.1, 0.3]), dim=0)):
+        hn = torch.nn.functional.normalize(cam + light, dim=0)[None]
+        vv = -cam[None]
+        rr = vv - 2 * (vv * hn).sum(1, keepdim=True) * hn
+        assert torch.allclose(net.specular(rr, vv), torch.tensor([[1.0, 0.5, 0.25]]), atol=1e-5)
+    with pytest.raises(ValueError, match="view directions"):
+        net.specular(r)
+    # lights add light: after a step that took the weight below 0 it is projected back to 0
+    with torch.no_grad():
+        net.specular_weight.fill_(-0.5)
+    net.project_()
+    assert float(net.specular_weight.detach()) == 0.0 and torch.equal(net.specular(r, v), torch.zeros(200, 3))
 
 
 def test_confidence_damps_the_head_but_not_the_highlights():
     """A pixel of confidence c gets L + c * (head's correction) + specular; a record written
     before ``damp_specular`` existed keeps damping the specular term too."""
-    net = NeuralRenderer(4, NeuralRendererSpec(specular_lobes=1, view_inputs=False))
+    net = NeuralRenderer(4, NeuralRendererSpec(specular_lobes=1, view_inputs=False, specular_model="reflection"))
     with torch.no_grad():
         net.head.out.bias[3:].fill_(0.1)  # offset 0.1 on every channel
         net.lobe_axis.copy_(torch.tensor([[0.0, 0.0, 1.0]]))
