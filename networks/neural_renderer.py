@@ -33,9 +33,9 @@ demo capture: 19.9 dB with, 18.6 without). Two lobe models (``specular_model``):
 - ``reflection``: spherical Gaussians over world directions at the view direction mirrored about
   the normal (Ref-NeRF's parameterisation of an environment), circular at every angle.
 Measured on 12-view synthetic scans with skin sheen, views 02 06 10 held out (2 x 2 samples per
-pixel): half_vector 36.47 / 36.97 / 33.97 / 32.56 dB against reflection's 35.39 / 36.49 / 33.80 /
-31.69 on seeds 3 / 5 / 7 / 11; reflection also drew a faint glow where the key light's lobe
-reached surface that had no highlight.
+pixel): half_vector 36.40 / 36.63 / 34.05 / 32.49 / 34.70 dB against reflection's 35.39 / 36.49 /
+33.80 / 31.69 / 34.36 on seeds 3 / 5 / 7 / 11 / 13; reflection also drew a faint glow where the
+key light's lobe reached surface that had no highlight.
 
 Two heads (``NeuralRendererSpec.kind``):
 - ``mlp``: per pixel, inputs (..., C_in) of any leading shape (the stage passes only the covered
