@@ -63,7 +63,7 @@ from fitting.silhouette_fit import camera_offsets
 from fitting.state import State
 from networks.neural_renderer import NeuralRenderer, NeuralRendererSpec, PixelInputs
 from renderer.mesh_ops import apply_sparse, confidence_fill, loop_subdivide
-from renderer.ops import antialias, rasterize
+from renderer.ops import antialias
 from renderer.shading import sh_shading, vertex_normals
 
 log = logging.getLogger("handrecon")
